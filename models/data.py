@@ -1,0 +1,274 @@
+"""Synthetic agent transcripts in the control vocabulary, seeded and reproducible.
+
+Skills (each an ``Episode`` of one or more turns):
+  arithmetic - a question needing arithmetic or string work: THINK, EXEC code, read the RESULT,
+               SPEAK the answer copied from the result
+  fact       - a fact told (acknowledged), then asked back later; the fact reaches the context as a
+               recalled-memory observation (MEM), and the answer copies it
+  calm       - calm sensor readings: WAIT, silence
+  alert      - readings out of range: SPEAK an alert naming the reading (sometimes after a
+               diagnostic EXEC)
+  chat       - greetings and questions it cannot answer: a short honest reply
+
+Templates and values are split into ``train`` and ``heldout`` so evaluation sees phrasings,
+names and numbers the model never trained on. Observation texts are rendered by
+``models.transcript``, the same functions the daemon uses, so training matches serving.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from models import transcript as tr
+from models.tokenizer import DEFAULT as TOK
+from models.tokenizer import ID
+
+Split = Literal["train", "heldout"]
+SKILLS: tuple[str, ...] = ("arithmetic", "fact", "calm", "alert", "chat")
+
+
+@dataclass
+class Turn:
+    """What the agent observed, then what it produced (``steps``), with EXEC results between."""
+
+    observations: list[int]  # tokens fed before the agent acts (OBS / MEM / SENSE spans)
+    steps: list[tuple[list[int], list[int]]]  # (agent tokens, result tokens fed after them)
+
+
+@dataclass
+class Episode:
+    skill: str
+    turns: list[Turn]
+    expect: dict[str, str] = field(default_factory=dict)  # what evaluation checks (answer, reading...)
+
+    def sample(self) -> tuple[list[int], list[int]]:
+        """Tokens and loss mask: 1 on what the agent produces, 0 on what it observes."""
+        tokens: list[int] = []
+        mask: list[int] = []
+        for turn in self.turns:
+            tokens += turn.observations
+            mask += [0] * len(turn.observations)
+            for agent, result in turn.steps:
+                tokens += agent
+                mask += [1] * len(agent)
+                tokens += result
+                mask += [0] * len(result)
+        return tokens, mask
+
+
+def _agent(*parts: tuple[str, str]) -> list[int]:
+    """Agent tokens from (control, text) parts: ("THINK", "..."), ("SPEAK", "..."), ("EXEC", code), ("WAIT", "")."""
+    out: list[int] = []
+    for control, text in parts:
+        out.append(ID[control])
+        out += TOK.encode(text)
+        if control == "EXEC":
+            out.append(ID["END_EXEC"])
+    return out
+
+
+# -- vocabulary, split into train / heldout ------------------------------------------------------
+_ARITH_Q = {
+    "train": ["what is {a} {op} {b}?", "compute {a} {op} {b}", "calculate {a} {op} {b} please", "{a} {op} {b} = ?",
+              "how much is {a} {op} {b}?", "can you work out {a} {op} {b}?"],
+    "heldout": ["tell me {a} {op} {b}", "what do you get for {a} {op} {b}?", "solve {a} {op} {b}"],
+}
+_STRING_Q = {
+    "train": [("reverse the word {w}", "print({q}[::-1])", "reversed"), ("how many letters are in {w}?", "print(len({q}))", "letters"),
+              ("write {w} in capitals", "print({q}.upper())", "upper")],
+    "heldout": [("spell {w} backwards", "print({q}[::-1])", "reversed"), ("count the characters of {w}", "print(len({q}))", "letters"),
+                ("uppercase {w}", "print({q}.upper())", "upper")],
+}
+_WORDS = {
+    "train": ["banana", "river", "window", "garden", "pencil", "rocket", "silver", "monkey", "planet", "orange",
+              "castle", "butter", "forest", "candle", "mirror", "jacket"],
+    "heldout": ["lantern", "harbor", "quartz", "meadow", "falcon", "copper"],
+}
+_FACT_SUBJECTS = {  # (subject, verb): "named" subjects get names, "is" subjects get codes and words
+    "train": [("my cat", "is named"), ("my dog", "is named"), ("my sister", "is named"), ("our landlord", "is named"),
+              ("the backup drive", "is named"), ("the wifi password", "is"), ("my favourite colour", "is"),
+              ("the door code", "is")],
+    "heldout": [("my boat", "is named"), ("my manager", "is named"), ("the gate code", "is")],
+}
+_FACT_VALUES = {
+    "train": ["Snuffles", "Biscuit", "Orion", "Maple", "Juniper", "Pixel", "Nimbus", "Clover", "Atlas", "Mango",
+              "Zephyr", "Willow", "Comet", "Pepper", "7", "12", "blue", "green", "K2-44", "X9"],
+    "heldout": ["Tamsin", "Quill", "Bramble", "Rook", "4417", "violet"],
+}
+_FACT_TELL = {
+    "train": ["remember that {s} {verb} {v}", "note: {s} {verb} {v}", "please remember {s} {verb} {v}"],
+    "heldout": ["keep in mind that {s} {verb} {v}", "for the record, {s} {verb} {v}"],
+}
+_FACT_ASK = {
+    "train": ["what {verb_q}?", "do you remember what {verb_q}?", "tell me what {verb_q}"],
+    "heldout": ["remind me what {verb_q}", "what {verb_q} again?"],
+}
+
+
+def _question(s: str, verb: str) -> str:
+    """The object of a question about subject ``s``: "is my cat named" / "is the door code"."""
+    return f"is {s} named" if verb == "is named" else f"is {s}"
+
+
+_GREET = {
+    "train": [("hello", "Hello! How can I help?"), ("hi there", "Hi! What can I do for you?"),
+              ("good morning", "Good morning! How can I help?"), ("thanks", "You're welcome."),
+              ("what is the meaning of life?", "I don't know."), ("who won the game last night?", "I don't know; I can't see the news."),
+              ("what will the weather be tomorrow?", "I don't know; I have no forecast."), ("how are you?", "I'm running fine, thanks.")],
+    "heldout": [("hey", "Hello! How can I help?"), ("good evening", "Good evening! How can I help?"),
+                ("what's the stock price of acme?", "I don't know.")],
+}
+_READINGS = {  # name, comfortable range, unit
+    "train": [("temperature", 10.0, 45.0, "C"), ("latency", 0.0, 200.0, "ms"), ("voltage", 11.0, 13.0, "V"),
+              ("error_rate", 0.0, 0.05, ""), ("bandwidth", 1.0, 1000.0, "Mbit/s")],
+    "heldout": [("temperature", 10.0, 45.0, "C"), ("latency", 0.0, 200.0, "ms"), ("voltage", 11.0, 13.0, "V"),
+                ("error_rate", 0.0, 0.05, ""), ("bandwidth", 1.0, 1000.0, "Mbit/s")],
+}
+_ALERT_SPEAK = {
+    "train": ["Alert: {n} is {v}, outside its range.", "Warning: {n} is at {v}.", "Alert: {n} reads {v}."],
+    "heldout": ["Alert: {n} is {v}, outside its range.", "Warning: {n} is at {v}."],
+}
+
+
+def _pick(rng: random.Random, table: dict[str, Sequence], split: Split):  # type: ignore[no-untyped-def]
+    return rng.choice(table[split])
+
+
+def _number(rng: random.Random, split: Split) -> int:
+    # Held-out values come from a range training never sees.
+    return rng.randint(2, 99) if split == "train" else rng.randint(100, 999)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}" if abs(x) < 1 else f"{x:.1f}"
+
+
+class EpisodeGenerator:
+    """Reproducible episodes: the same (seed, split) always gives the same sequence."""
+
+    def __init__(self, seed: int = 0, split: Split = "train") -> None:
+        self.split = split
+        self.rng = random.Random(f"{seed}:{split}")
+
+    # -- skills --------------------------------------------------------------------------------
+    def arithmetic(self, rng: random.Random) -> Episode:
+        split = self.split
+        if rng.random() < 0.6:
+            a, b = _number(rng, split), _number(rng, split)
+            op = rng.choice(["+", "-", "*"])
+            question = _pick(rng, _ARITH_Q, split).format(a=a, b=b, op=op)
+            code = f"print({a} {op} {b})"
+            answer = str(eval(f"{a} {op} {b}"))  # noqa: S307 - integers and one operator we just made
+            speak = f"{a} {op} {b} = {answer}"
+        else:
+            q_tpl, code_tpl, _ = _pick(rng, _STRING_Q, split)
+            w = _pick(rng, _WORDS, split)
+            question = q_tpl.format(w=w)
+            code = code_tpl.format(q=repr(w))
+            answer = str(eval(code[len("print("):-1]))  # noqa: S307 - a string method on a literal
+            speak = f"The answer is {answer}."
+        first = _agent(("THINK", "I will compute it."), ("EXEC", code))
+        result = tr.exec_result_tokens(stdout=answer + "\n", stderr="", exit_code=0)
+        second = _agent(("SPEAK", speak), ("WAIT", ""))
+        return Episode("arithmetic", [Turn(tr.chat_tokens(question), [(first, result), (second, [])])],
+                       {"answer": answer, "code": code})
+
+    def fact(self, rng: random.Random) -> Episode:
+        split = self.split
+        s, verb = _pick(rng, _FACT_SUBJECTS, split)
+        v = _pick(rng, _FACT_VALUES, split)
+        tell = _pick(rng, _FACT_TELL, split).format(s=s, verb=verb, v=v)
+        ask = _pick(rng, _FACT_ASK, split).format(verb_q=_question(s, verb))
+        # The daemon remembers what it was told verbatim, so recall brings back the told sentence,
+        # among other memories that are not the answer.
+        others = [(ds, dv) for ds, dv in _FACT_SUBJECTS[split] if ds != s]
+        distractors = [_pick(rng, _FACT_TELL, split).format(s=ds, verb=dv, v=_pick(rng, _FACT_VALUES, split))
+                       for ds, dv in rng.sample(others, rng.randint(0, 2))]
+        recalled = [tell, *distractors]
+        rng.shuffle(recalled)
+        told = Turn(tr.chat_tokens(tell), [(_agent(("SPEAK", "Noted."), ("WAIT", "")), [])])
+        asked = Turn(tr.memory_tokens(recalled) + tr.chat_tokens(ask),
+                     [(_agent(("SPEAK", f"{s[0].upper() + s[1:]} {verb} {v}."), ("WAIT", "")), [])])
+        return Episode("fact", [told, asked], {"answer": v})
+
+    def _readings(self, rng: random.Random, out_of_range: bool) -> tuple[dict[str, float], str | None]:
+        chosen = rng.sample(self._reading_table(), rng.randint(1, 3))
+        values: dict[str, float] = {}
+        for name, lo, hi, _unit in chosen:
+            values[name] = round(rng.uniform(lo + 0.1 * (hi - lo), hi - 0.1 * (hi - lo)), 3)
+        bad = None
+        if out_of_range:
+            name, lo, hi, _unit = rng.choice(chosen)
+            span = hi - lo
+            values[name] = round(hi + rng.uniform(0.2, 2.0) * span if rng.random() < 0.7 or lo <= 0 else lo - rng.uniform(0.2, 0.9) * lo, 3)
+            bad = name
+        return values, bad
+
+    def _reading_table(self) -> list[tuple[str, float, float, str]]:
+        return _READINGS[self.split]
+
+    def calm(self, rng: random.Random) -> Episode:
+        values, _ = self._readings(rng, out_of_range=False)
+        ranges = {n: (lo, hi) for n, lo, hi, _u in self._reading_table()}
+        return Episode("calm", [Turn(tr.sense_tokens(values, ranges, "calm"), [(_agent(("WAIT", "")), [])])], {})
+
+    def alert(self, rng: random.Random) -> Episode:
+        values, bad = self._readings(rng, out_of_range=True)
+        assert bad is not None
+        ranges = {n: (lo, hi) for n, lo, hi, _u in self._reading_table()}
+        speak = _pick(rng, _ALERT_SPEAK, self.split).format(n=bad, v=_fmt(values[bad]))
+        steps: list[tuple[list[int], list[int]]] = [(_agent(("THINK", f"{bad} is out of range."), ("SPEAK", speak), ("WAIT", "")), [])]
+        felt = rng.choice(["alert", "urgent"])
+        return Episode("alert", [Turn(tr.sense_tokens(values, ranges, felt), steps)], {"reading": bad})
+
+    def chat(self, rng: random.Random) -> Episode:
+        q, a = _pick(rng, _GREET, self.split)
+        return Episode("chat", [Turn(tr.chat_tokens(q), [(_agent(("SPEAK", a), ("WAIT", "")), [])])], {"answer": a})
+
+    # -- sampling ------------------------------------------------------------------------------
+    def episode(self, rng: random.Random | None = None, skill: str | None = None) -> Episode:
+        rng = rng or self.rng
+        skill = skill or rng.choice(SKILLS)
+        return getattr(self, skill)(rng)
+
+
+class AgentCurriculum:
+    """The training curriculum (see models.train.Curriculum) over EpisodeGenerator, optionally mixing
+    windows of user text files into the generative stages."""
+
+    def __init__(self, seed: int = 0, texts: Sequence[str] = (), text_mix: float = 0.1) -> None:
+        self.gen = EpisodeGenerator(seed, "train")
+        self.texts = [t.encode("utf-8") for t in texts if t]
+        self.text_mix = text_mix if self.texts else 0.0
+
+    def _text(self, rng: random.Random, n: int) -> tuple[list[int], list[int]]:
+        blob = rng.choice(self.texts)
+        start = rng.randrange(max(1, len(blob) - n))
+        ids = list(blob[start : start + n])
+        return ids, [1] * len(ids)
+
+    def segment(self, rng: random.Random) -> tuple[list[int], list[int]]:
+        """One turn of an episode (the last, which holds the skill's answer)."""
+        ep = self.gen.episode(rng)
+        return Episode(ep.skill, ep.turns[-1:]).sample()
+
+    def episode(self, rng: random.Random) -> tuple[list[int], list[int]]:
+        if self.text_mix and rng.random() < self.text_mix:
+            return self._text(rng, 256)
+        return self.gen.episode(rng).sample()
+
+    def stream(self, rng: random.Random, n_tokens: int) -> tuple[list[int], list[int]]:
+        """Episodes back to back, with facts told early and asked much later in the same stream."""
+        tokens: list[int] = []
+        mask: list[int] = []
+        while len(tokens) < n_tokens:
+            if self.text_mix and rng.random() < self.text_mix:
+                t, m = self._text(rng, 128)
+            else:
+                t, m = self.gen.episode(rng).sample()
+            tokens += t
+            mask += m
+        return tokens[:n_tokens], mask[:n_tokens]
