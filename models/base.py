@@ -92,7 +92,7 @@ class State(dict[str, Tensor]):
         return sum(t.numel() * t.element_size() for t in self.values())
 
     def to_bytes(self) -> bytes:
-        """Canonical serialization (safetensors with metadata); what ``state_digest`` hashes."""
+        """Serialization as safetensors with metadata (the metadata's key order may vary)."""
         return st_save({k: v.contiguous().cpu() for k, v in self.items()}, metadata=_meta_dict(self.meta))
 
     @classmethod
@@ -254,8 +254,15 @@ def _batch_of(state: State) -> int:
 
 
 def state_digest(state: State) -> str:
-    """sha256 of the canonical serialization: equal digests mean bit-identical states."""
-    return hashlib.sha256(state.to_bytes()).hexdigest()
+    """sha256 over the metadata and every tensor's name, dtype, shape and bytes, in sorted order:
+    equal digests mean bit-identical states. (Not a hash of ``to_bytes``: safetensors writes its
+    metadata map in an arbitrary order, so equal states can serialize to different bytes.)"""
+    h = hashlib.sha256(json.dumps(_meta_dict(state.meta), sort_keys=True).encode())
+    for name in sorted(state):
+        t = state[name].detach().contiguous().cpu()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 # -- registry -------------------------------------------------------------------------------------

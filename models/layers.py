@@ -96,6 +96,24 @@ class SlidingWindowAttention(nn.Module):
             outs.append(y)
         return torch.cat(outs, dim=1), k_cache, v_cache
 
+    def step(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> tuple[Tensor, Tensor, Tensor]:
+        """One token x [B, D] at absolute position ``pos``: ``forward`` on a length-1 chunk in fewer
+        ops (decoding pays per op). The new cache is also the key set: the last W positions."""
+        B, D = x.shape
+        W, H, Dh = self.window, self.n_heads, self.head_dim
+        q, k, v = self.qkv(x).view(B, 3, H, 1, Dh).unbind(1)  # each (B, H, 1, Dh)
+        if self.rope:
+            cos, sin = rope_cos_sin(torch.tensor([pos]), Dh, self.rope_base)
+            cos, sin = cos.to(x.device), sin.to(x.device)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys = torch.cat([k_cache[:, :, 1:], k], dim=2)  # (B, H, W, Dh): positions pos-W+1 .. pos
+        vals = torch.cat([v_cache[:, :, 1:], v], dim=2)
+        mask = None
+        if pos < W - 1:  # slots before the stream's start
+            mask = (torch.arange(W, device=x.device) >= W - 1 - pos)[None, :]  # (1, W)
+        y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask)  # (B, H, 1, Dh)
+        return self.out(y.reshape(B, D)), keys, vals
+
     def _block(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> tuple[Tensor, Tensor, Tensor]:
         B, T, D = x.shape
         W, H, Dh = self.window, self.n_heads, self.head_dim
