@@ -82,21 +82,13 @@ _STRING_Q = {
     "heldout": [("spell {w} backwards", "print({q}[::-1])", "reversed"), ("count the characters of {w}", "print(len({q}))", "letters"),
                 ("uppercase {w}", "print({q}.upper())", "upper")],
 }
-_WORDS = {
-    "train": ["banana", "river", "window", "garden", "pencil", "rocket", "silver", "monkey", "planet", "orange",
-              "castle", "butter", "forest", "candle", "mirror", "jacket"],
-    "heldout": ["lantern", "harbor", "quartz", "meadow", "falcon", "copper"],
-}
 _FACT_SUBJECTS = {  # (subject, verb): "named" subjects get names, "is" subjects get codes and words
     "train": [("my cat", "is named"), ("my dog", "is named"), ("my sister", "is named"), ("our landlord", "is named"),
-              ("the backup drive", "is named"), ("the wifi password", "is"), ("my favourite colour", "is"),
-              ("the door code", "is")],
-    "heldout": [("my boat", "is named"), ("my manager", "is named"), ("the gate code", "is")],
-}
-_FACT_VALUES = {
-    "train": ["Snuffles", "Biscuit", "Orion", "Maple", "Juniper", "Pixel", "Nimbus", "Clover", "Atlas", "Mango",
-              "Zephyr", "Willow", "Comet", "Pepper", "7", "12", "blue", "green", "K2-44", "X9"],
-    "heldout": ["Tamsin", "Quill", "Bramble", "Rook", "4417", "violet"],
+              ("the backup drive", "is named"), ("my brother", "is named"), ("the project", "is named"),
+              ("my horse", "is named"), ("the robot", "is named"), ("my neighbour", "is named"),
+              ("the wifi password", "is"), ("my favourite colour", "is"), ("the door code", "is"),
+              ("the meeting room", "is"), ("my locker number", "is"), ("the api key", "is"), ("my car", "is")],
+    "heldout": [("my boat", "is named"), ("my manager", "is named"), ("the gate code", "is"), ("my bike", "is")],
 }
 _FACT_TELL = {
     "train": ["remember that {s} {verb} {v}", "note: {s} {verb} {v}", "please remember {s} {verb} {v}"],
@@ -113,13 +105,19 @@ def _question(s: str, verb: str) -> str:
     return f"is {s} named" if verb == "is named" else f"is {s}"
 
 
-_GREET = {
-    "train": [("hello", "Hello! How can I help?"), ("hi there", "Hi! What can I do for you?"),
-              ("good morning", "Good morning! How can I help?"), ("thanks", "You're welcome."),
-              ("what is the meaning of life?", "I don't know."), ("who won the game last night?", "I don't know; I can't see the news."),
-              ("what will the weather be tomorrow?", "I don't know; I have no forecast."), ("how are you?", "I'm running fine, thanks.")],
-    "heldout": [("hey", "Hello! How can I help?"), ("good evening", "Good evening! How can I help?"),
-                ("what's the stock price of acme?", "I don't know.")],
+GREETING_REPLY = "Hello! How can I help?"
+UNKNOWN_REPLY = "I don't know."
+_GREETINGS = {
+    "train": ["hello", "hi", "hi there", "hello there", "good morning", "good afternoon", "hey there", "greetings",
+              "morning", "hello agent", "hi agent", "yo"],
+    "heldout": ["hey", "good evening", "howdy", "hiya"],
+}
+_UNKNOWN = {  # questions nothing in context can answer
+    "train": ["what is the meaning of life?", "who won the game last night?", "what will the weather be tomorrow?",
+              "what is the price of gold today?", "who will win the election?", "what am I thinking?",
+              "what is in my fridge?", "when is my dentist appointment?", "what did I eat yesterday?",
+              "how tall is my neighbour?", "what is the capital of mars?", "where did I park?"],
+    "heldout": ["what's the stock price of acme?", "who called me this morning?", "what is my boss's birthday?"],
 }
 _READINGS = {  # name, comfortable range, unit
     "train": [("temperature", 10.0, 45.0, "C"), ("latency", 0.0, 200.0, "ms"), ("voltage", 11.0, 13.0, "V"),
@@ -138,8 +136,39 @@ def _pick(rng: random.Random, table: dict[str, Sequence], split: Split):  # type
 
 
 def _number(rng: random.Random, split: Split) -> int:
-    # Held-out values come from a range training never sees.
-    return rng.randint(2, 99) if split == "train" else rng.randint(100, 999)
+    # Wide ranges, so answers must be read from the EXEC result, not remembered.
+    return rng.randint(2, 9999) if rng.random() < 0.5 else rng.randint(2, 99)
+
+
+def _operands(rng: random.Random, split: Split) -> tuple[int, int]:
+    """Operand pairs; one pair in ten (by a fixed hash) is held out from training."""
+    while True:
+        a, b = _number(rng, split), _number(rng, split)
+        if ((a * 31 + b) % 10 == 0) == (split == "heldout"):
+            return a, b
+
+
+_CONSONANTS = "bcdfghjklmnprstvwz"
+_VOWELS = "aeiou"
+
+
+def _word(rng: random.Random, split: Split) -> str:
+    """A pronounceable made-up word; held-out words end in a vowel, training words in a consonant,
+    so the two sets never meet."""
+    n = rng.randint(2, 3)
+    w = "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(n))
+    return w if split == "heldout" else w + rng.choice(_CONSONANTS)
+
+
+def _value(rng: random.Random, split: Split) -> str:
+    """A fact's value: a capitalised name, a code, or a number (held-out ones built apart, see _word)."""
+    r = rng.random()
+    if r < 0.5:
+        return _word(rng, split).capitalize()
+    if r < 0.75:
+        code = f"{rng.choice(_CONSONANTS).upper()}{rng.randint(1, 99)}-{rng.randint(10, 99)}"
+        return code if split == "train" else code + "X"
+    return str(rng.randint(100, 9999)) + ("" if split == "train" else "0")
 
 
 def _fmt(x: float) -> str:
@@ -157,7 +186,7 @@ class EpisodeGenerator:
     def arithmetic(self, rng: random.Random) -> Episode:
         split = self.split
         if rng.random() < 0.6:
-            a, b = _number(rng, split), _number(rng, split)
+            a, b = _operands(rng, split)
             op = rng.choice(["+", "-", "*"])
             question = _pick(rng, _ARITH_Q, split).format(a=a, b=b, op=op)
             code = f"print({a} {op} {b})"
@@ -165,7 +194,7 @@ class EpisodeGenerator:
             speak = f"{a} {op} {b} = {answer}"
         else:
             q_tpl, code_tpl, _ = _pick(rng, _STRING_Q, split)
-            w = _pick(rng, _WORDS, split)
+            w = _word(rng, split)
             question = q_tpl.format(w=w)
             code = code_tpl.format(q=repr(w))
             answer = str(eval(code[len("print("):-1]))  # noqa: S307 - a string method on a literal
@@ -179,13 +208,13 @@ class EpisodeGenerator:
     def fact(self, rng: random.Random) -> Episode:
         split = self.split
         s, verb = _pick(rng, _FACT_SUBJECTS, split)
-        v = _pick(rng, _FACT_VALUES, split)
+        v = _value(rng, split)
         tell = _pick(rng, _FACT_TELL, split).format(s=s, verb=verb, v=v)
         ask = _pick(rng, _FACT_ASK, split).format(verb_q=_question(s, verb))
         # The daemon remembers what it was told verbatim, so recall brings back the told sentence,
         # among other memories that are not the answer.
         others = [(ds, dv) for ds, dv in _FACT_SUBJECTS[split] if ds != s]
-        distractors = [_pick(rng, _FACT_TELL, split).format(s=ds, verb=dv, v=_pick(rng, _FACT_VALUES, split))
+        distractors = [_pick(rng, _FACT_TELL, split).format(s=ds, verb=dv, v=_value(rng, split))
                        for ds, dv in rng.sample(others, rng.randint(0, 2))]
         recalled = [tell, *distractors]
         rng.shuffle(recalled)
@@ -225,7 +254,12 @@ class EpisodeGenerator:
         return Episode("alert", [Turn(tr.sense_tokens(values, ranges, felt), steps)], {"reading": bad})
 
     def chat(self, rng: random.Random) -> Episode:
-        q, a = _pick(rng, _GREET, self.split)
+        if rng.random() < 0.5:
+            q, a = _pick(rng, _GREETINGS, self.split), GREETING_REPLY
+        else:
+            q, a = _pick(rng, _UNKNOWN, self.split), UNKNOWN_REPLY
+        if rng.random() < 0.3:
+            q = q.capitalize()
         return Episode("chat", [Turn(tr.chat_tokens(q), [(_agent(("SPEAK", a), ("WAIT", "")), [])])], {"answer": a})
 
     # -- sampling ------------------------------------------------------------------------------

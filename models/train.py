@@ -234,7 +234,7 @@ class Trainer:
                         break
                     (loss / len(chunks)).backward()
                     state = state.detach()
-                    losses.append(float(loss))
+                    losses.append(float(loss.detach()))
                     n_tokens += int(tokens.numel())
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip) if finite else torch.tensor(float("nan"))
                 if not finite or not torch.isfinite(grad_norm):
