@@ -82,13 +82,12 @@ _STRING_Q = {
     "heldout": [("spell {w} backwards", "print({q}[::-1])", "reversed"), ("count the characters of {w}", "print(len({q}))", "letters"),
                 ("uppercase {w}", "print({q}.upper())", "upper")],
 }
-_FACT_SUBJECTS = {  # (subject, verb): "named" subjects get names, "is" subjects get codes and words
-    "train": [("my cat", "is named"), ("my dog", "is named"), ("my sister", "is named"), ("our landlord", "is named"),
-              ("the backup drive", "is named"), ("my brother", "is named"), ("the project", "is named"),
-              ("my horse", "is named"), ("the robot", "is named"), ("my neighbour", "is named"),
-              ("the wifi password", "is"), ("my favourite colour", "is"), ("the door code", "is"),
-              ("the meeting room", "is"), ("my locker number", "is"), ("the api key", "is"), ("my car", "is")],
-    "heldout": [("my boat", "is named"), ("my manager", "is named"), ("the gate code", "is"), ("my bike", "is")],
+_FACT_NOUNS = {  # subjects are "my <noun>" / "the <noun>"; held-out nouns never appear in training
+    "train": ["cat", "dog", "sister", "brother", "landlord", "neighbour", "horse", "robot", "project", "car", "boss",
+              "doctor", "teacher", "printer", "laptop", "server", "router", "garden", "friend", "cousin", "parrot",
+              "hamster", "team", "band", "house", "ship", "plane", "drone", "guitar", "camera", "phone", "account",
+              "password", "locker", "door code", "wifi", "colour", "city", "street", "school"],
+    "heldout": ["boat", "manager", "bike", "gate code", "tortoise", "violin", "office", "rabbit"],
 }
 _FACT_TELL = {
     "train": ["remember that {s} {verb} {v}", "note: {s} {verb} {v}", "please remember {s} {verb} {v}"],
@@ -98,6 +97,12 @@ _FACT_ASK = {
     "train": ["what {verb_q}?", "do you remember what {verb_q}?", "tell me what {verb_q}"],
     "heldout": ["remind me what {verb_q}", "what {verb_q} again?"],
 }
+
+
+def _subject(rng: random.Random, split: Split) -> tuple[str, str]:
+    """A (subject, verb) pair such as ("my cat", "is named") or ("the door code", "is")."""
+    noun = _pick(rng, _FACT_NOUNS, split)
+    return f"{rng.choice(['my', 'the', 'our'])} {noun}", rng.choice(["is named", "is"])
 
 
 def _question(s: str, verb: str) -> str:
@@ -207,15 +212,14 @@ class EpisodeGenerator:
 
     def fact(self, rng: random.Random) -> Episode:
         split = self.split
-        s, verb = _pick(rng, _FACT_SUBJECTS, split)
+        s, verb = _subject(rng, split)
         v = _value(rng, split)
         tell = _pick(rng, _FACT_TELL, split).format(s=s, verb=verb, v=v)
         ask = _pick(rng, _FACT_ASK, split).format(verb_q=_question(s, verb))
         # The daemon remembers what it was told verbatim, so recall brings back the told sentence,
         # among other memories that are not the answer.
-        others = [(ds, dv) for ds, dv in _FACT_SUBJECTS[split] if ds != s]
-        distractors = [_pick(rng, _FACT_TELL, split).format(s=ds, verb=dv, v=_value(rng, split))
-                       for ds, dv in rng.sample(others, rng.randint(0, 2))]
+        others = [o for o in (_subject(rng, split) for _ in range(rng.randint(0, 2))) if o[0] != s]
+        distractors = [_pick(rng, _FACT_TELL, split).format(s=ds, verb=dv, v=_value(rng, split)) for ds, dv in others]
         recalled = [tell, *distractors]
         rng.shuffle(recalled)
         told = Turn(tr.chat_tokens(tell), [(_agent(("SPEAK", "Noted."), ("WAIT", "")), [])])
