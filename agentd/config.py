@@ -90,6 +90,7 @@ class AgentSection:
     max_repeat_exec: int = 2  # breaker: the same EXEC code this many times in a turn ends it
     context_tokens: int = 2048  # short-term context kept for snapshots and re-prefill
     observation_max_bytes: int = 4096  # a longer observation is cut, with a marker
+    interrupt_on_chat: bool = True  # a chat arriving during a turn interrupts it; it is answered next
 
     def __post_init__(self) -> None:
         _check(self.max_segments_per_turn >= 1, "agent.max_segments_per_turn", "must be >= 1")
@@ -125,16 +126,37 @@ class MemorySection:
     enabled: bool = True
     recall_k: int = 4  # memories recalled into context in HOLD
     recall_budget_tokens: int = 256
+    recall_min_score: float = 0.35  # cosine similarity below which a memory is not recalled
     max_memories: int = 0  # retention by count; 0 = unlimited
     max_age_days: float = 0.0  # retention by age; 0 = unlimited
     snapshots_keep: int = 3  # neural-state snapshots kept
+    remember: list[str] = field(default_factory=lambda: ["observation", "speak", "exec", "exec_result", "condition"])
+    embedding_model: str = ""  # a local sentence-transformers directory; "" = the bundled all-MiniLM-L6-v2
+    embedding_batch: int = 64  # most texts embedded at once (concurrent adds are coalesced up to this)
+    threads: int = 1  # CPU threads for embedding (torch) and FAISS in the memory worker; 0 = their defaults
+    index_switch_at: int = 20000  # memories at which the flat index becomes HNSW
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 64
+    hnsw_ef_search: int = 64
+    index_save_rows: int = 5000  # PAUSE re-snapshots the index after this many new memories
 
     def __post_init__(self) -> None:
         _check(self.recall_k >= 0, "memory.recall_k", "must be >= 0")
         _check(self.recall_budget_tokens >= 0, "memory.recall_budget_tokens", "must be >= 0")
+        _check(-1 <= self.recall_min_score <= 1, "memory.recall_min_score", "must be between -1 and 1")
         _check(self.max_memories >= 0, "memory.max_memories", "must be >= 0")
         _check(self.max_age_days >= 0, "memory.max_age_days", "must be >= 0")
         _check(self.snapshots_keep >= 1, "memory.snapshots_keep", "must be >= 1")
+        kinds = ("observation", "speak", "think", "exec", "exec_result", "condition")
+        for k in self.remember:
+            _check(k in kinds, "memory.remember", f"unknown kind {k!r} (known: {', '.join(kinds)})")
+        _check(1 <= self.embedding_batch <= 4096, "memory.embedding_batch", "must be between 1 and 4096")
+        _check(self.threads >= 0, "memory.threads", "must be >= 0")
+        _check(self.index_switch_at >= 1, "memory.index_switch_at", "must be >= 1")
+        _check(4 <= self.hnsw_m <= 128, "memory.hnsw_m", "must be between 4 and 128")
+        _check(self.hnsw_ef_construction >= 8, "memory.hnsw_ef_construction", "must be >= 8")
+        _check(self.hnsw_ef_search >= 8, "memory.hnsw_ef_search", "must be >= 8")
+        _check(self.index_save_rows >= 1, "memory.index_save_rows", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -145,10 +167,10 @@ class SandboxSection:
     wall_s: float = 10.0
     cpu_s: float = 5.0
     memory_mb: int = 256
-    max_output_bytes: int = 65536
-    max_file_bytes: int = 1 << 20
+    max_output_bytes: int = 65536  # kept per stream (stdout, stderr); more ends the run with limit "output"
+    max_file_bytes: int = 1 << 20  # RLIMIT_FSIZE; the private tmpfs working dir holds 4x this (>= 4 MiB)
     max_open_files: int = 64
-    max_processes: int = 16
+    max_processes: int = 16  # per-run pids cgroup (root) and RLIMIT_NPROC of the sandbox uid
     network: bool = False
     restricted: bool = True  # RestrictedPython policy layer in front of the OS layers
     user: str = "nobody"  # unprivileged user the code runs as when the daemon runs as root
@@ -168,6 +190,8 @@ class SandboxSection:
         _check(self.max_open_files >= 8, "sandbox.max_open_files", "must be >= 8")
         _check(self.max_processes >= 1, "sandbox.max_processes", "must be >= 1")
         _check(bool(self.user), "sandbox.user", "must not be empty")
+        for name in self.allowed_imports:
+            _check(name.isidentifier(), "sandbox.allowed_imports", f"{name!r} is not a top-level module name")
 
 
 @dataclass(frozen=True)

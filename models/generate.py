@@ -71,7 +71,7 @@ class Stop:
     reason: StopReason
     state: State
     logits: Tensor  # [V]
-    tokens: int  # sampled in this call
+    ids: list[int]  # the token ids sampled (and consumed) in this call
 
 
 Event = Delta | SegmentEnd
@@ -135,7 +135,7 @@ class Decoder:
         kind: SegmentKind | None = None
         parts: list[str] = []
         fresh_speak = False
-        n = 0
+        ids: list[int] = []
 
         def close() -> Generator[Event, None, None]:
             nonlocal kind, parts
@@ -151,18 +151,18 @@ class Decoder:
             while True:
                 if cancel is not None and cancel.is_set():
                     yield from close()
-                    return Stop("cancelled", state, logits, n)
-                if n >= cfg.max_tokens:
+                    return Stop("cancelled", state, logits, ids)
+                if len(ids) >= cfg.max_tokens:
                     yield from close()
-                    return Stop("max_tokens", state, logits, n)
+                    return Stop("max_tokens", state, logits, ids)
                 if fresh_speak and cfg.silence_entropy is not None and entropy(logits) > cfg.silence_entropy:
                     # The model is unsure what to say: it says nothing (silence is an answer).
                     kind, parts = None, []
-                    return Stop("silence", state, logits, n)
+                    return Stop("silence", state, logits, ids)
                 token_id = sample(logits, cfg, rng)
                 step_logits, state = bb.step(torch.tensor([token_id], device=bb.device), state)
                 logits = step_logits[0]
-                n += 1
+                ids.append(token_id)
                 fresh_speak = False
                 for piece in decoder.push(token_id):
                     if piece.control is None:
@@ -178,13 +178,13 @@ class Decoder:
                         fresh_speak = kind == "speak"
                     elif c == "END_EXEC" and kind == "exec":
                         yield from close()
-                        return Stop("exec", state, logits, n)
+                        return Stop("exec", state, logits, ids)
                     elif c == "WAIT":
                         yield from close()
-                        return Stop("wait", state, logits, n)
+                        return Stop("wait", state, logits, ids)
                     elif c == "EOS":
                         yield from close()
-                        return Stop("eos", state, logits, n)
+                        return Stop("eos", state, logits, ids)
                     # Any other control (a stray delimiter) is consumed and ignored.
 
 

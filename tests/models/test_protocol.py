@@ -240,8 +240,8 @@ def test_decoder_think_speak_wait() -> None:
     assert ends == [SegmentEnd("think", "hmm"), SegmentEnd("speak", "hé!")]
     assert "".join(e.text for e in events if isinstance(e, Delta) and e.kind == "speak") == "hé!"
     assert stop.reason == "wait"
-    assert stop.tokens == len(script) - len("never") == bb.seen.__len__()
-    assert stop.state.meta.position == stop.tokens
+    assert len(stop.ids) == len(script) - len("never") == bb.seen.__len__()
+    assert stop.state.meta.position == len(stop.ids)
     assert int(stop.logits.argmax()) == ord("n")  # logits for what follows WAIT
 
 
@@ -259,7 +259,7 @@ def test_decoder_eos_and_stray_controls() -> None:
 
 def test_decoder_max_tokens() -> None:
     events, stop, _ = _run(_ids(ID["SPEAK"], "a" * 50), max_tokens=6)
-    assert stop.reason == "max_tokens" and stop.tokens == 6
+    assert stop.reason == "max_tokens" and len(stop.ids) == 6
     assert [e for e in events if isinstance(e, SegmentEnd)] == [SegmentEnd("speak", "aaaaa")]
 
 
@@ -280,7 +280,7 @@ def test_decoder_cancel() -> None:
 
 def test_decoder_silence_when_unsure_what_to_say() -> None:
     events, stop, _ = _run(_ids(ID["SPEAK"]) + [None] + _ids("x"), silence_entropy=1.0)
-    assert stop.reason == "silence" and stop.tokens == 1
+    assert stop.reason == "silence" and len(stop.ids) == 1
     assert not any(isinstance(e, Delta) and e.kind == "speak" for e in events)
     # Confident speech is not silenced, and without a threshold nothing is.
     _, stop, _ = _run(_ids(ID["SPEAK"], "ok", ID["WAIT"]), silence_entropy=1.0)
@@ -306,6 +306,6 @@ def test_decoder_with_hyena_resumes_identically_from_a_saved_state(tmp_path: Pat
     dec = Decoder(bb, SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, max_tokens=40, seed=3))
     a_segments, a_stop = collect(dec.run(state, last))
     b_segments, b_stop = collect(dec.run(models.load_state(tmp_path / "s", bb), last))
-    assert a_segments == b_segments and a_stop.reason == b_stop.reason and a_stop.tokens == b_stop.tokens
+    assert a_segments == b_segments and a_stop.reason == b_stop.reason and len(a_stop.ids) == len(b_stop.ids)
     assert models.state_digest(a_stop.state) == models.state_digest(b_stop.state)
-    assert a_stop.state.meta.position == state.meta.position + a_stop.tokens
+    assert a_stop.state.meta.position == state.meta.position + len(a_stop.ids)
