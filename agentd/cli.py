@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import importlib
 import json
 import os
@@ -116,9 +117,23 @@ def _daemon_pid(cfg: Config) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def _lock_held(cfg: Config) -> bool:
+    try:
+        fd = os.open(cfg.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def cmd_stop(args: argparse.Namespace, cfg: Config) -> int:
     pid = _daemon_pid(cfg)
-    if pid is None:
+    if pid is None or not _lock_held(cfg):
         print(f"agentd: agentd is not running (no pid in {cfg.lock_path})", file=sys.stderr)
         return 1
     try:
@@ -128,9 +143,7 @@ def cmd_stop(args: argparse.Namespace, cfg: Config) -> int:
         return 1
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _lock_held(cfg):  # released at the very end of shutdown (the pid may linger as a zombie)
             print(f"agentd stopped (pid {pid})")
             return 0
         time.sleep(0.1)
