@@ -47,6 +47,7 @@ from memory_store import (
     StorageError,
     normalise_text,
 )
+from models import transcript
 from models.base import Backbone, State
 
 log = structlog.get_logger("agentd.memory")
@@ -198,15 +199,16 @@ class MemoryService:
         lines: list[str] = []
         best: list[int] = []  # the MEM observation of the lines that fit so far
         for h in hits:
-            # No timestamp: what the model is fed must not depend on the wall clock, or replaying
-            # the same conversation (a restart, a test) would not give the same tokens.
-            line = f"[{h.kind}] {h.text}"
-            toks = tokenizer.wrap("MEM", "\n".join([*lines, line]))
+            # Rendered exactly as training renders it (models.transcript), and without a timestamp:
+            # what the model is fed must not depend on the wall clock, or replaying the same
+            # conversation (a restart, a test) would not give the same tokens.
+            line = h.text
+            toks = tokenizer.wrap("MEM", transcript.memory_text([*lines, line]))
             if len(toks) > budget:
                 if not lines:  # cut the single best memory rather than recall nothing
                     cut = line
                     while cut:
-                        toks = tokenizer.wrap("MEM", cut + "…")
+                        toks = tokenizer.wrap("MEM", transcript.memory_text([cut + "…"]))
                         if len(toks) <= budget:
                             best = toks
                             break

@@ -90,24 +90,3 @@ class ExecResult:
         """The fields of an ``exec_result`` event (docs/protocol.md)."""
         keys = ("stdout", "stderr", "exit_code", "timed_out", "limit", "cpu_s", "peak_rss_mb", "truncated")
         return {k: getattr(self, k) for k in keys}
-
-    def observation(self, max_bytes: int = 4096) -> str:
-        """Text the model reads as the RESULT of its EXEC; cut to ``max_bytes`` with a visible marker."""
-        head = [f"exit_code: {self.exit_code}"]
-        if self.timed_out:
-            head.append("timed out (wall clock)")
-        if self.limit:
-            head.append(f"limit: {self.limit}")
-        if self.truncated:
-            head.append("output truncated")
-        parts = [", ".join(head)]
-        if self.stdout:
-            parts.append("stdout:\n" + self.stdout)
-        if self.stderr:
-            parts.append("stderr:\n" + self.stderr)
-        text = "\n".join(parts)
-        raw = text.encode("utf-8")
-        if len(raw) <= max_bytes:
-            return text
-        marker = "\n[... result cut ...]"
-        return raw[: max(0, max_bytes - len(marker))].decode("utf-8", "ignore") + marker

@@ -6,7 +6,7 @@ approvals and stops it). The daemon calls it at a few points:
 
 - the loop's EXEC hook: ``result = await svc.execute(code, turn)`` publishes ``exec`` (with
   ``approval: "pending"`` under ``approve = "ask"``) and ``exec_result`` events and returns the
-  ``ExecResult``; ``result.observation(max_bytes)`` is the RESULT text the model reads. It never
+  ``ExecResult`` (the agent renders the RESULT text with ``models.transcript``). It never
   raises for the code or the sandbox machinery: a refusal, a limit or a broken fork server is a result
   the model sees;
 - the socket op ``exec.approve`` (``exec_id``, ``approve``): ``await svc.handle(op, request)``

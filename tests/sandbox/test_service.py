@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from agentd.config import SandboxSection
+from models import transcript
 from sandbox import SandboxError
 from sandbox.service import SandboxOpError, SandboxService
 
@@ -37,7 +38,7 @@ async def test_auto_runs_and_publishes_exec_then_result() -> None:
     assert [e["event"] for e in events] == ["exec", "exec_result"]
     assert events[0] == {"event": "exec", "turn": 3, "exec_id": r.exec_id, "code": "print(6 * 7)"}
     assert events[1]["stdout"] == "42\n" and events[1]["exec_id"] == r.exec_id and events[1]["limit"] is None
-    assert "exit_code: 0" in r.observation() and "42" in r.observation()
+    assert transcript.exec_result_text(r.stdout, r.stderr, r.exit_code, r.timed_out, r.limit) == "42"
     st = svc.status()
     assert st["runs"] == 1 and st["approve"] == "auto" and st["limits"]["wall_s"] == 10.0
 
@@ -46,11 +47,11 @@ async def test_limits_are_results_the_model_sees() -> None:
     svc, events = make(wall_s=1.0)
     r = await svc.execute("while True: pass")
     assert r.timed_out and r.limit == "wall"
-    obs = r.observation()
-    assert "timed out" in obs and "limit: wall" in obs
+    obs = transcript.exec_result_text(r.stdout, r.stderr, r.exit_code, r.timed_out, r.limit)
+    assert obs == "error: timed out"
     assert events[-1]["timed_out"] is True and svc.status()["limits_hit"] == {"wall": 1}
     r = await svc.execute("print(().__class__)")
-    assert r.limit == "policy" and "invalid attribute name" in r.observation()
+    assert r.limit == "policy" and "invalid attribute name" in r.stderr
 
 
 async def test_never_refuses_with_a_result() -> None:
