@@ -8,12 +8,13 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from agentd.client import Client, ConnectionLost, RequestError
-from tests.conftest import AGENTD, DaemonProc
+from tests.conftest import AGENTD, DaemonProc, merge
 
 
 def test_status_reports_the_running_daemon(shared_daemon: DaemonProc) -> None:
@@ -250,3 +251,44 @@ def test_connection_lost_is_reported_when_the_daemon_goes(daemon_factory) -> Non
                     pass
 
     asyncio.run(asyncio.wait_for(go(), 60))
+
+
+def _log_events(d: DaemonProc, name: str) -> list[dict]:
+    out = []
+    for line in d.log().splitlines():
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        if ev.get("event") == name:
+            out.append(ev)
+    return out
+
+
+def _wait_for_log(d: DaemonProc, name: str, count: int, timeout: float = 20.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(found := _log_events(d, name)) >= count:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"no {name!r} in the log after {timeout}s:\n{d.log()}")
+
+
+def test_sighup_applies_breath_and_log_level_and_names_what_needs_a_restart(daemon_factory) -> None:
+    d = daemon_factory()
+    d.config = merge(d.config, {"breath": {"pause_s": 0.25}, "daemon": {"log_level": "debug"},
+                                "agent": {"max_segments_per_turn": 3}})
+    d.write_config()
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGHUP)
+    (ev,) = _wait_for_log(d, "config_reloaded", 1)
+    assert ev["needs_restart"] == ["agent"] and "breath" in ev["applied"]
+    assert not _log_events(d, "client_connected")  # a debug event: silent at info...
+    assert d.request("status")["state"] == "running"
+    _wait_for_log(d, "client_connected", 1)  # ...logged once the reload set debug
+
+    d.config_path.write_text("[breath]\npause_s = \"soon\"\n")  # a broken edit: kept running on the old one
+    d.proc.send_signal(signal.SIGHUP)
+    (bad,) = _wait_for_log(d, "reload_failed", 1)
+    assert "breath.pause_s" in bad["error"]
+    assert d.request("chat", text="still here?")["turn"] >= 1
