@@ -20,7 +20,6 @@ one more connection streams ``condition`` readings at ``--readings-per-s``. Prin
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import random
 import sys
@@ -28,24 +27,12 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
-from harness import DaemonProc, exported_ids, percentile, process_tree
+from harness import DaemonProc, bench_config, daemon_parser, exported_ids, percentile, process_tree
 
 from agentd.client import Client, ConnectionLost, RequestError
 
 MIX = ("chat", "memory.add", "memory.add", "memory.search", "memory.search", "condition")
-
-
-def bench_config(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "daemon": {"log_level": "warning", "log_format": "json", "torch_threads": args.threads},
-        "breath": {"inhale_s": 0.01, "hold_s": 0.01, "exhale_s": 0.0, "pause_s": 0.2},
-        "backbone": {"name": args.backbone, "max_tokens": args.max_tokens},
-        "memory": {"enabled": True},
-        "sandbox": {"enabled": True},
-        "soma": {"ranges": {"temperature": [10.0, 45.0], "voltage": [11.0, 13.0]}},
-    }
 
 
 class Load:
@@ -112,14 +99,10 @@ async def lone_chats(sock: Path, n: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = daemon_parser(__doc__)
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--requests", type=int, default=40, help="requests per client (default: 40)")
     p.add_argument("--readings-per-s", type=float, default=50.0)
-    p.add_argument("--backbone", default="hyena")
-    p.add_argument("--max-tokens", type=int, default=48, help="[backbone] max_tokens: tokens per generation stretch")
-    p.add_argument("--threads", type=int, default=1, help="the daemon's torch threads")
     p.add_argument("--lone", type=int, default=10, help="chats of the lone-client peer (default: 10)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

@@ -6,6 +6,7 @@ Run the bench scripts from the repository root (``.venv/bin/python bench/daemon.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -20,7 +21,30 @@ if str(ROOT) not in sys.path:
 
 from tests.conftest import BASE_CONFIG, DaemonProc, merge  # noqa: E402  (the repo root is on sys.path now)
 
-__all__ = ["BASE_CONFIG", "DaemonProc", "exported_ids", "merge", "percentile", "process_tree"]
+__all__ = ["BASE_CONFIG", "DaemonProc", "bench_config", "daemon_parser", "exported_ids", "merge", "percentile",
+           "process_tree"]
+
+
+def daemon_parser(doc: str) -> argparse.ArgumentParser:
+    """A bench's argument parser (its docstring as help) with the options of the daemon it starts."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=doc.split("\n\n", 1)[1])
+    p.add_argument("--backbone", default="hyena", help="[backbone] name (default: hyena, its shipped weights if any)")
+    p.add_argument("--max-tokens", type=int, default=48, help="[backbone] max_tokens: tokens per generation stretch")
+    p.add_argument("--threads", type=int, default=1, help="the daemon's torch threads (default: 1)")
+    return p
+
+
+def bench_config(args: argparse.Namespace) -> dict[str, Any]:
+    """A daemon with memory and sandbox on and a quick breath, for load."""
+    return {
+        "daemon": {"log_level": "warning", "log_format": "json", "torch_threads": args.threads},
+        "breath": {"inhale_s": 0.01, "hold_s": 0.01, "exhale_s": 0.0, "pause_s": 0.2},
+        "backbone": {"name": args.backbone, "max_tokens": args.max_tokens},
+        "memory": {"enabled": True},
+        "sandbox": {"enabled": True},
+        "soma": {"ranges": {"temperature": [10.0, 45.0], "voltage": [11.0, 13.0]}},
+    }
 
 
 def percentile(xs: list[float], q: float) -> float:

@@ -16,7 +16,6 @@ only when its answer arrived. At the end the daemon is stopped cleanly and start
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import random
@@ -27,8 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 import psutil
-from daemon import bench_config
-from harness import DaemonProc, exported_ids, process_tree
+from harness import DaemonProc, bench_config, daemon_parser, exported_ids, process_tree
 
 from agentd.client import Client, ConnectionLost, DaemonNotRunning, RequestError
 
@@ -115,15 +113,10 @@ def warm(d: DaemonProc) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = daemon_parser(__doc__)
     p.add_argument("--minutes", type=float, default=15.0)
     p.add_argument("--restart-every", type=float, default=180.0, help="seconds between kill -9s (default: 180)")
     p.add_argument("--clients", type=int, default=4)
-    p.add_argument("--backbone", default="hyena")
-    p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--readings-per-s", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="agentd-soak-") as tmp:
