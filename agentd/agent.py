@@ -1,7 +1,7 @@
 """The agent loop: observe -> THINK -> SPEAK -> EXEC -> WAIT, paced by the BreathClock.
 
 Each breath:
-  INHALE  drain the inbox (chat messages, Soma's felt state, anything queued)
+  INHALE  drain the inbox (chat messages, anything queued) and ask the senses (Soma) for news
   HOLD    recall: the observation queries long-term memory (when there is one)
   EXHALE  one turn: feed MEM + observations, generate segments; an EXEC runs in the sandbox and
           its RESULT is fed back before generation goes on; the turn ends at WAIT (or a guard)
@@ -42,7 +42,7 @@ Listener = Callable[[dict[str, Any]], None]
 class Observation:
     """Something the agent perceives. ``tokens`` (pre-rendered) wins over ``kind``/``text``."""
 
-    kind: str  # chat | sense | event
+    kind: str  # chat | condition (Soma's SENSE) | event
     text: str
     source: str = "client"
     tokens: list[int] | None = None
@@ -91,6 +91,7 @@ class Agent:
         self.memory: Memory | None = None
         self.executor: Executor | None = None
         self.on_pause: list[Callable[[], Any]] = []  # extra PAUSE work (awaited if it returns an awaitable)
+        self.senses: list[Callable[[], Observation | None]] = []  # asked at INHALE for a coalesced observation
         self.turns = 0
         self.inbox: collections.deque[Observation] = collections.deque()
         self._inbox_event = asyncio.Event()
@@ -150,7 +151,8 @@ class Agent:
         while not self._stopping:
             self.clock.enter(Phase.INHALE)
             await self.clock.hold_for(Phase.INHALE)
-            batch = list(self.inbox)
+            batch = [obs for sense in self.senses if (obs := sense()) is not None]
+            batch += self.inbox
             self.inbox.clear()
             self.clock.enter(Phase.HOLD)
             recalled = await self._recall(batch) if batch else []
@@ -181,9 +183,12 @@ class Agent:
             await self.memory.pause(self.state, list(self.context), self.clock_dict())
             self._snapshot_position = self.state.meta.position
         for hook in self.on_pause:
-            res = hook()
-            if asyncio.iscoroutine(res):
-                await res
+            try:
+                res = hook()
+                if asyncio.iscoroutine(res):
+                    await res
+            except Exception:  # a part's rest work failing must not stop the breath
+                log.exception("pause_hook_failed", hook=getattr(hook, "__qualname__", repr(hook)))
 
     def clock_dict(self) -> dict[str, Any]:
         return {"breath": self.clock.breath, "turns": self.turns}

@@ -209,9 +209,21 @@ class MqttSection:
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
     max_payload_bytes: int = 65536
+    offline_queue: int = 256  # SPEAK messages kept while the broker is away; the oldest go first
 
     def __post_init__(self) -> None:
+        _check(bool(self.host), "mqtt.host", "must not be empty")
         _check(1 <= self.port <= 65535, "mqtt.port", f"must be 1..65535, got {self.port}")
+        _check(self.offline_queue >= 0, "mqtt.offline_queue", "must be >= 0")
+        _check(not self.password_file or bool(self.username), "mqtt.password_file", "needs mqtt.username")
+        # Files are checked only when MQTT is on: a disabled bridge must not stop start-up.
+        if self.enabled and self.password_file:
+            p = Path(os.path.expandvars(self.password_file)).expanduser()
+            _check(os.access(p, os.R_OK) and p.is_file(), "mqtt.password_file", f"{p} is not a readable file")
+        if self.enabled and self.ca_file:
+            _check(self.tls, "mqtt.ca_file", "is set but mqtt.tls is false")
+            p = Path(os.path.expandvars(self.ca_file)).expanduser()
+            _check(os.access(p, os.R_OK) and p.is_file(), "mqtt.ca_file", f"{p} is not a readable file")
         _check(bool(self.topic_prefix) and not any(c in self.topic_prefix for c in "#+"), "mqtt.topic_prefix", "must be non-empty without # or +")
         _check(self.keepalive_s >= 5, "mqtt.keepalive_s", "must be >= 5")
         _check(0 < self.reconnect_min_s <= self.reconnect_max_s, "mqtt.reconnect_min_s", "must be > 0 and <= reconnect_max_s")
@@ -233,6 +245,7 @@ class SomaSection:
     ranges: dict[str, list[float]] = field(default_factory=_default_ranges)  # name -> [low, high] comfortable range
     alert_charge: float = 0.4  # overall charge at or above which the felt state is "alert"
     urgent_charge: float = 0.8
+    alert_breath_factor: float = 0.5  # breath durations scale by this when alert
     urgent_breath_factor: float = 0.25  # breath durations scale by this when urgent
     calm_pause_factor: float = 2.0  # PAUSE lengthens by this when calm and idle
 
@@ -242,7 +255,9 @@ class SomaSection:
             _check(ok, f"soma.ranges.{name}", f"must be [low, high] numbers, got {r!r}")
             _check(r[0] < r[1], f"soma.ranges.{name}", f"low must be < high, got {r!r}")
         _check(0 < self.alert_charge < self.urgent_charge <= 1, "soma.alert_charge", "need 0 < alert_charge < urgent_charge <= 1")
-        _check(0 < self.urgent_breath_factor <= 1, "soma.urgent_breath_factor", "must be in (0, 1]")
+        _check(0 < self.alert_breath_factor <= 1, "soma.alert_breath_factor", "must be in (0, 1]")
+        _check(0 < self.urgent_breath_factor <= self.alert_breath_factor, "soma.urgent_breath_factor",
+               "must be in (0, alert_breath_factor]: an urgent breath is never slower than an alert one")
         _check(self.calm_pause_factor >= 1, "soma.calm_pause_factor", "must be >= 1")
 
 

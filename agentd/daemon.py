@@ -39,6 +39,7 @@ from agentd.breath import BreathClock, Phase
 from agentd.config import Config, ConfigError
 from agentd.events import EventBus
 from agentd.notify import Notifier
+from agentd.senses import SenseService
 from agentd.server import Connection, OpError, Server, field
 
 log = structlog.get_logger("agentd.daemon")
@@ -88,6 +89,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._exit_code = 0
+        self._senses: SenseService | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def serve(self) -> int:
@@ -144,7 +146,7 @@ class Daemon:
                  position=self.agent.state.meta.position, version=VERSION)
 
     async def _start_parts(self) -> None:
-        """Memory (with the newest snapshot) and the sandbox, when configured."""
+        """Memory (with the newest snapshot), the sandbox when configured, and the senses."""
         cfg, agent = self.config, self.agent
         assert agent is not None and self.backbone is not None
         from agentd.memory_service import MemoryService
@@ -164,6 +166,11 @@ class Daemon:
             self.status_sections["sandbox"] = sandbox.status
             self._sandbox = sandbox
 
+        senses = await self.stack.enter_async_context(SenseService(cfg, agent, self.bus))
+        self.status_sections["soma"] = senses.status
+        self.status_sections["mqtt"] = senses.mqtt_link
+        self._senses = senses
+
     def _register_ops(self) -> None:
         s = self.server
         s.register_op("status", self._op_status)
@@ -178,6 +185,8 @@ class Daemon:
         sandbox = getattr(self, "_sandbox", None)
         if sandbox is not None:
             s.register_op("exec.approve", self._wrap_part(sandbox.handle))
+        if self._senses is not None:
+            s.register_op("condition", self._wrap_part(self._senses.handle))
 
     def _wrap_part(self, handle: Callable[..., Any]) -> Callable[[Connection, dict[str, Any]], Any]:
         """Adapt a part's ``handle(op, request)`` (raising its own error with ``code``) to an op handler."""

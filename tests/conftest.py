@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import signal
 import socket as socketlib
 import subprocess
@@ -180,3 +181,57 @@ def free_port() -> int:
     with socketlib.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@dataclass
+class Broker:
+    """A real mosquitto on a loopback port; ``kill`` and ``start`` again keep the port."""
+
+    root: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    users: dict[str, str] = field(default_factory=dict)  # user -> password; none = anonymous allowed
+
+    def start(self, timeout: float = 10.0) -> Broker:
+        conf = self.root / "mosquitto.conf"
+        auth = "allow_anonymous true\n"
+        if self.users:
+            passwd = self.root / "mosquitto.passwd"
+            passwd.write_text("")
+            for user, password in self.users.items():
+                subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, password], check=True, capture_output=True)
+            auth = f"allow_anonymous false\npassword_file {passwd}\n"
+        # Run as whoever runs the tests: as root, mosquitto would switch to its own user and could
+        # not read a password file under pytest's private temp directory.
+        user = pwd.getpwuid(os.getuid()).pw_name
+        conf.write_text(f"listener {self.port} 127.0.0.1\n{auth}persistence false\nuser {user}\n")
+        with open(self.root / "mosquitto.log", "ab") as logf:
+            try:
+                self.proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=logf, stderr=subprocess.STDOUT)
+            except FileNotFoundError:
+                raise AssertionError("mosquitto is not installed: apt-get install -y mosquitto mosquitto-clients "
+                                     "(make test does this)") from None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                socketlib.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"mosquitto exited: {(self.root / 'mosquitto.log').read_text()}") from None
+                time.sleep(0.05)
+        raise AssertionError(f"mosquitto did not listen on {self.port}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Broker]:
+    """A fresh mosquitto broker on a free loopback port for one test. ``make test`` installs the
+    Debian package when it is missing; without it this fixture fails, it never skips."""
+    b = Broker(tmp_path).start()
+    yield b
+    b.kill()
