@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from agentd import config as config_mod
-from agentd.client import Client, ClientError, DaemonNotRunning, RequestError
+from agentd.client import Client, ClientError, DaemonNotRunning, RequestError, request_sync
 from agentd.config import Config, ConfigError
 
 # Commands that live in their own modules: each has add_parser(subparsers) and run(args, config) -> int.
@@ -50,6 +50,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Any]]:
     c.add_argument("message", nargs="?", help="the message; omit for an interactive REPL")
     c.add_argument("--thoughts", action="store_true", help="also print THINK segments (to stderr)")
     c.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for a reply (default 300)")
+    cd = sub.add_parser("condition", help="send sensor readings to the daemon (as MQTT would)",
+                        description="Feed readings to Soma through the socket op `condition`, the same path MQTT "
+                                    "readings take, and print the felt state that results. Example: "
+                                    "agentd condition voltage=10.2 temperature=31")
+    cd.add_argument("readings", nargs="+", type=_reading, metavar="NAME=VALUE", help="a reading, e.g. latency=250")
     cfg = sub.add_parser("config", help="configuration tools", description="Configuration tools.")
     csub = cfg.add_subparsers(dest="config_cmd", required=True, metavar="{check,show}")
     csub.add_parser("check", help="validate the configuration without starting (exit 2 on an error)")
@@ -67,6 +72,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Any]]:
         for cmd in set(sub.choices) - before:
             plugins[cmd] = mod
     return p, plugins
+
+
+def _reading(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    try:
+        return name, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: {value!r} is not a number") from None
 
 
 def _load_config(args: argparse.Namespace) -> Config:
@@ -215,6 +230,13 @@ def cmd_chat(args: argparse.Namespace, cfg: Config) -> int:
     return asyncio.run(go())
 
 
+def cmd_condition(args: argparse.Namespace, cfg: Config) -> int:
+    r = request_sync(cfg.socket_path, "condition", values=dict(args.readings))
+    soma = r["soma"]
+    print(f"accepted {r['accepted']} reading(s); felt {soma['label']} (charge {soma['charge']})")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace, cfg: Config) -> int:
     if args.config_cmd == "check":
         print(f"configuration OK ({cfg.source or 'built-in defaults'}); socket {cfg.socket_path}, data {cfg.data_dir}")
@@ -225,7 +247,8 @@ def cmd_config(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-COMMANDS = {"start": cmd_start, "stop": cmd_stop, "status": cmd_status, "chat": cmd_chat, "config": cmd_config}
+COMMANDS = {"start": cmd_start, "stop": cmd_stop, "status": cmd_status, "chat": cmd_chat, "condition": cmd_condition,
+            "config": cmd_config}
 
 if __name__ == "__main__":
     sys.exit(main())

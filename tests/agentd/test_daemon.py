@@ -292,3 +292,16 @@ def test_sighup_applies_breath_and_log_level_and_names_what_needs_a_restart(daem
     (bad,) = _wait_for_log(d, "reload_failed", 1)
     assert "breath.pause_s" in bad["error"]
     assert d.request("chat", text="still here?")["turn"] >= 1
+
+
+def test_cli_condition_feeds_soma_and_refuses_bad_readings(daemon_factory) -> None:
+    d = daemon_factory({"soma": {"ranges": {"voltage": [11.0, 13.0]}}})
+    r = d.cli("condition", "voltage=12", "fan=1200")
+    assert r.returncode == 0 and "accepted 2 reading(s); felt calm" in r.stdout, r.stderr
+    r = d.cli("condition", "voltage=20")
+    assert r.returncode == 0 and "felt urgent" in r.stdout
+    r = d.cli("condition", "voltage=high")
+    assert r.returncode == 2 and "'high' is not a number" in r.stderr
+    r = d.cli("condition", "voltage=nan")
+    assert r.returncode == 1 and "NaN" in r.stderr, "the daemon's own check names the problem"
+    assert d.request("status")["soma"]["values"] == {"voltage": 20.0, "fan": 1200.0}
