@@ -9,6 +9,7 @@ same outputs up to float rounding; cost is O(T * W), never O(T^2) for T > W.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -60,6 +61,15 @@ def rope_cos_sin(positions: Tensor, head_dim: int, base: float = 10000.0) -> tup
     return torch.cos(ang).to(torch.float32), torch.sin(ang).to(torch.float32)
 
 
+@functools.lru_cache(maxsize=8)
+def _rope_at(pos: int, head_dim: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """rope_cos_sin at one position on ``device``, cached: every attention layer of a decoding step
+    asks for the same one. Made outside inference mode, so the cached tensors also serve autograd."""
+    with torch.inference_mode(False), torch.no_grad():
+        cos, sin = rope_cos_sin(torch.tensor([pos]), head_dim, base)
+        return cos.to(device), sin.to(device)
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate x [B, H, T, Dh] by cos/sin [T, Dh/2] (split-halves convention)."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -103,8 +113,7 @@ class SlidingWindowAttention(nn.Module):
         W, H, Dh = self.window, self.n_heads, self.head_dim
         q, k, v = self.qkv(x).view(B, 3, H, 1, Dh).unbind(1)  # each (B, H, 1, Dh)
         if self.rope:
-            cos, sin = rope_cos_sin(torch.tensor([pos]), Dh, self.rope_base)
-            cos, sin = cos.to(x.device), sin.to(x.device)
+            cos, sin = _rope_at(pos, Dh, self.rope_base, x.device)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys = torch.cat([k_cache[:, :, 1:], k], dim=2)  # (B, H, W, Dh): positions pos-W+1 .. pos
         vals = torch.cat([v_cache[:, :, 1:], v], dim=2)
@@ -130,3 +139,19 @@ class SlidingWindowAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=allowed)  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(B, T, D)
         return self.out(y), keys[:, :, -W:].contiguous(), vals[:, :, -W:].contiguous()
+
+
+class SinusoidalTable:
+    """``sinusoidal(pos)`` rows [1, dim] for decoding one position at a time, served from a table of the
+    next ``size`` positions: the same float64 arithmetic per position as a whole-chunk call (so
+    bit-identical to it), without recomputing sin/cos every step."""
+
+    def __init__(self, dim: int, size: int = 256) -> None:
+        self.dim, self.size = dim, size
+        self.start, self.table = 0, torch.empty(0, dim)
+
+    def __call__(self, pos: int, device: torch.device) -> Tensor:
+        if not self.start <= pos < self.start + self.table.shape[0] or self.table.device != device:
+            with torch.inference_mode(False), torch.no_grad():  # usable from inference mode and autograd alike
+                self.start, self.table = pos, sinusoidal(torch.arange(pos, pos + self.size), self.dim).to(device)
+        return self.table[pos - self.start][None]
