@@ -31,7 +31,7 @@ from agentd.config import Config
 from agentd.events import EventBus
 from models import transcript
 from models.base import Backbone, State
-from models.generate import Decoder, Delta, SamplingConfig, SegmentEnd, Stop, prefill
+from models.generate import Delta, Notice, SamplingConfig, SegmentEnd, Stop, decoder_for, prefill
 
 log = structlog.get_logger("agentd.agent")
 
@@ -101,7 +101,7 @@ class Agent:
         self.in_turn = False
         self._snapshot_position = self.state.meta.position
         b = config.backbone
-        self.decoder = Decoder(backbone, SamplingConfig(
+        self.decoder = decoder_for(backbone, SamplingConfig(
             temperature=b.temperature, top_k=b.top_k, top_p=b.top_p, max_tokens=b.max_tokens,
             silence_entropy=b.silence_entropy or None, seed=b.seed))
 
@@ -243,7 +243,9 @@ class Agent:
         except Exception as exc:  # a backbone failure ends the turn, never the daemon
             log.exception("turn_failed", turn=res.turn)
             res.reason = "error"
-            self.emit({"event": "error", "code": "internal", "message": f"turn {res.turn} failed: {exc}", "turn": res.turn})
+            # A backbone's own errors carry a code (the remote backbone's ``backbone_unavailable``).
+            code = getattr(exc, "code", None) or "internal"
+            self.emit({"event": "error", "code": code, "message": f"turn {res.turn} failed: {exc}", "turn": res.turn})
         finally:
             self.in_turn = False
             res.seconds = time.perf_counter() - t0
@@ -269,7 +271,11 @@ class Agent:
         loop = asyncio.get_running_loop()
         turn = res.turn
 
-        def on_event(ev: Delta | SegmentEnd) -> None:
+        def on_event(ev: Delta | SegmentEnd | Notice) -> None:
+            if isinstance(ev, Notice):  # not fatal: on the bus only, so a chat request goes on waiting
+                self.bus.publish({"event": "error", "code": ev.code, "message": ev.message, "turn": turn, "fatal": False,
+                                  **ev.data})
+                return
             if isinstance(ev, Delta):
                 if ev.kind != "exec":
                     self.emit({"event": ev.kind, "turn": turn, "delta": ev.text})

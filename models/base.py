@@ -335,7 +335,15 @@ def save_checkpoint(backbone: Backbone, directory: str | os.PathLike[str], step:
     """Write ``model.safetensors`` + ``config.json`` (architecture, config, step) into ``directory``."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in backbone.state_dict().items()}
+    tensors: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for k, v in backbone.state_dict().items():
+        t = v.detach().contiguous().cpu()
+        # safetensors refuses tensors that share memory (tied embeddings, as in transformers
+        # models): the second name gets its own copy, and load_state_dict ties them again.
+        ptr = t.untyped_storage().data_ptr()
+        tensors[k] = t.clone() if ptr in seen else t
+        seen.add(ptr)
     fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".tmp", dir=d)
     os.close(fd)
     try:

@@ -74,7 +74,17 @@ class Stop:
     ids: list[int]  # the token ids sampled (and consumed) in this call
 
 
-Event = Delta | SegmentEnd
+@dataclass(frozen=True)
+class Notice:
+    """Not model output: something clients should hear about while generation goes on (a remote
+    backbone retrying after its server failed). ``Decoder`` never yields one; other decoders may."""
+
+    code: str
+    message: str
+    data: dict[str, object]
+
+
+Event = Delta | SegmentEnd | Notice
 
 
 def entropy(logits: Tensor) -> float:
@@ -186,6 +196,13 @@ class Decoder:
                         yield from close()
                         return Stop("eos", state, logits, ids)
                     # Any other control (a stray delimiter) is consumed and ignored.
+
+
+def decoder_for(backbone: Backbone, sampling: SamplingConfig | None = None) -> Decoder:
+    """The decoder of ``backbone``: its own ``make_decoder(sampling)`` when it samples elsewhere (the
+    ``remote`` backbone streams from a server), else a ``Decoder`` over its logits."""
+    make = getattr(backbone, "make_decoder", None)
+    return make(sampling or SamplingConfig()) if callable(make) else Decoder(backbone, sampling)
 
 
 def collect(events: Generator[Event, None, Stop]) -> tuple[list[SegmentEnd], Stop]:

@@ -5,13 +5,20 @@ always taken literally: a user who types ``<exec>`` gets bytes, never the EXEC t
 text can never forge the model's own control stream.
 
 Backbones whose vocabulary is text (``hf``, ``remote``) map the same controls to text tags
-(``TAGS``) and parse them back with ``TagStreamParser``.
+(``TAGS``) and parse them back with ``TagStreamParser``, both from ``models.texttags``.
 """
 
 from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass, field
+
+from models.texttags import TAG_NAME, TAGS, Piece, TagStreamParser
+
+__all__ = [
+    "BYTE_VOCAB", "CLOSERS", "CONTROLS", "CONTROL_BASE", "DEFAULT", "ID", "NAME", "TAGS", "TAG_NAME", "VOCAB_SIZE",
+    "ByteStreamDecoder", "ByteTokenizer", "Piece", "TagStreamParser",
+]
 
 # Order is part of the checkpoint format: append only.
 CONTROLS: tuple[str, ...] = (
@@ -43,33 +50,8 @@ NAME: dict[int, str] = {i: name for name, i in ID.items()}
 # Opening control -> its closing control, for delimited spans.
 CLOSERS: dict[str, str] = {"EXEC": "END_EXEC", "OBS": "END_OBS", "RESULT": "END_RESULT", "MEM": "END_MEM", "SENSE": "END_SENSE"}
 
-# Text tags for text-vocabulary backbones; the same names as CONTROLS.
-TAGS: dict[str, str] = {
-    "BOS": "<bos>",
-    "EOS": "<eos>",
-    "THINK": "<think>",
-    "SPEAK": "<speak>",
-    "EXEC": "<exec>",
-    "END_EXEC": "</exec>",
-    "WAIT": "<wait/>",
-    "OBS": "<obs>",
-    "END_OBS": "</obs>",
-    "RESULT": "<result>",
-    "END_RESULT": "</result>",
-    "MEM": "<memory>",
-    "END_MEM": "</memory>",
-    "SENSE": "<sense>",
-    "END_SENSE": "</sense>",
-}
-TAG_NAME: dict[str, str] = {tag: name for name, tag in TAGS.items()}
-
-
-@dataclass(frozen=True)
-class Piece:
-    """One unit of decoded output: a control (``control`` set, ``text`` empty) or plain text."""
-
-    control: str | None = None
-    text: str = ""
+# The text form of the controls (TAGS, TAG_NAME), Piece and TagStreamParser live in
+# models.texttags, shared by the text-vocabulary backbones; re-exported here.
 
 
 class ByteTokenizer:
@@ -138,76 +120,6 @@ class ByteStreamDecoder:
         text = self._utf8.decode(b"", final=True)
         self._utf8.reset()
         return [Piece(text=text)] if text else []
-
-
-class TagStreamParser:
-    """Parses control tags out of streamed text, tolerant of what real models emit.
-
-    Tags may arrive split across chunks (``<sp`` + ``eak>``), in any case, with stray spaces
-    (``< speak >``) or wrapped in backticks. Text that only looks like the start of a tag is held
-    back until it is clearly not one. Unknown ``<...>`` runs pass through as text.
-    """
-
-    _MAX_TAG = max(len(t) for t in TAG_NAME) + 4
-
-    def __init__(self) -> None:
-        self._buf = ""
-
-    def push(self, text: str) -> list[Piece]:
-        self._buf += text
-        out: list[Piece] = []
-        while self._buf:
-            lt = self._buf.find("<")
-            if lt < 0:
-                out.append(Piece(text=self._buf))
-                self._buf = ""
-                break
-            if lt > 0:
-                out.append(Piece(text=self._buf[:lt]))
-                self._buf = self._buf[lt:]
-            gt = self._buf.find(">")
-            if gt < 0:
-                if len(self._buf) > self._MAX_TAG:  # too long to be a tag: emit the "<" as text
-                    out.append(Piece(text="<"))
-                    self._buf = self._buf[1:]
-                    continue
-                break  # wait for more text
-            candidate = self._buf[: gt + 1]
-            name = TAG_NAME.get(_normalise_tag(candidate))
-            if name is None:
-                out.append(Piece(text="<"))
-                self._buf = self._buf[1:]
-                continue
-            out.append(Piece(control=name))
-            self._buf = self._buf[gt + 1 :]
-        return _strip_backtick_wrappers(out)
-
-    def flush(self) -> list[Piece]:
-        rest, self._buf = self._buf, ""
-        return [Piece(text=rest)] if rest else []
-
-
-def _normalise_tag(candidate: str) -> str:
-    inner = candidate[1:-1].strip().strip("`").strip().lower()
-    if inner.endswith("/") and inner[:-1].strip() == "wait":
-        return "<wait/>"
-    if inner == "wait":
-        return "<wait/>"
-    if inner.startswith("/"):
-        return "</" + inner[1:].strip() + ">"
-    return "<" + inner + ">"
-
-
-def _strip_backtick_wrappers(pieces: list[Piece]) -> list[Piece]:
-    """Drop a lone backtick run hugging a tag, as in ```<exec>``` emitted by chat models."""
-    out: list[Piece] = []
-    for i, p in enumerate(pieces):
-        if p.control is None and p.text.strip() and set(p.text.strip()) <= {"`"}:
-            near_tag = (i > 0 and pieces[i - 1].control) or (i + 1 < len(pieces) and pieces[i + 1].control)
-            if near_tag:
-                continue
-        out.append(p)
-    return out
 
 
 DEFAULT = ByteTokenizer()
