@@ -23,6 +23,15 @@ SMALL_CONFIGS: dict[str, dict[str, Any]] = {
     "hyena": dict(
         d_model=32, n_layers=2, filter_len=16, short_kernel=3, window=8, n_heads=2, attn_every=2, mem_every=1, mem_slots=4
     ),
+    "nexus": dict(
+        d_model=32, n_layers=2, n_heads=2, window=8, rsm_every=1, mem_block=8, sem_slots=16, sem_topk=4, sem_key_dim=8,
+        sem_value_dim=16, sem_gate_bias=0.0, lex_slots=64, lex_ways=4, lex_ngram=3, lex_lookahead=2,
+    ),
+    "astarte": dict(d_model=32, n_layers=2, n_heads=2, state_dim=16),
+    "spiral": dict(d_model=32, n_layers=2, n_heads=2, max_hop=8, tower_slots=3, paint_every=4),
+    # A tiny random GPT-2 built and saved locally (tests/models/tinylm.py); ``path`` is filled in
+    # by the factory from the session's fixture.
+    "hf": dict(window=16, keep=8),
 }
 
 ARCHS = [name for name in SMALL_CONFIGS if name in models.available()]
@@ -31,10 +40,13 @@ ARCHS = [name for name in SMALL_CONFIGS if name in models.available()]
 @pytest.fixture(params=ARCHS)
 def factory(request: pytest.FixtureRequest) -> Callable[[], models.Backbone]:
     name = request.param
+    overrides = dict(SMALL_CONFIGS[name])
+    if name == "hf":
+        overrides["path"] = str(request.getfixturevalue("tiny_gpt2_dir"))
 
     def make() -> models.Backbone:
         torch.manual_seed(0)
-        return models.build(name, **SMALL_CONFIGS[name])
+        return models.build(name, **overrides)
 
     return make
 
