@@ -17,6 +17,7 @@ names and numbers the model never trained on. Observation texts are rendered by
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ class Turn:
 class Episode:
     skill: str
     turns: list[Turn]
-    expect: dict[str, str] = field(default_factory=dict)  # what evaluation checks (answer, reading...)
+    expect: dict[str, str] = field(default_factory=dict)  # what evaluation feeds and checks (question, answer...)
 
     def sample(self) -> tuple[list[int], list[int]]:
         """Tokens and loss mask: 1 on what the agent produces, 0 on what it observes."""
@@ -208,7 +209,7 @@ class EpisodeGenerator:
         result = tr.exec_result_tokens(stdout=answer + "\n", stderr="", exit_code=0)
         second = _agent(("SPEAK", speak), ("WAIT", ""))
         return Episode("arithmetic", [Turn(tr.chat_tokens(question), [(first, result), (second, [])])],
-                       {"answer": answer, "code": code})
+                       {"answer": answer, "code": code, "question": question})
 
     def fact(self, rng: random.Random) -> Episode:
         split = self.split
@@ -225,7 +226,7 @@ class EpisodeGenerator:
         told = Turn(tr.chat_tokens(tell), [(_agent(("SPEAK", "Noted."), ("WAIT", "")), [])])
         asked = Turn(tr.memory_tokens(recalled) + tr.chat_tokens(ask),
                      [(_agent(("SPEAK", f"{s[0].upper() + s[1:]} {verb} {v}."), ("WAIT", "")), [])])
-        return Episode("fact", [told, asked], {"answer": v})
+        return Episode("fact", [told, asked], {"answer": v, "tell": tell, "ask": ask, "distractors": "\n".join(distractors)})
 
     def _readings(self, rng: random.Random, out_of_range: bool) -> tuple[dict[str, float], str | None]:
         chosen = rng.sample(self._reading_table(), rng.randint(1, 3))
@@ -246,7 +247,8 @@ class EpisodeGenerator:
     def calm(self, rng: random.Random) -> Episode:
         values, _ = self._readings(rng, out_of_range=False)
         ranges = {n: (lo, hi) for n, lo, hi, _u in self._reading_table()}
-        return Episode("calm", [Turn(tr.sense_tokens(values, ranges, "calm"), [(_agent(("WAIT", "")), [])])], {})
+        return Episode("calm", [Turn(tr.sense_tokens(values, ranges, "calm"), [(_agent(("WAIT", "")), [])])],
+                       {"values": json.dumps(values)})
 
     def alert(self, rng: random.Random) -> Episode:
         values, bad = self._readings(rng, out_of_range=True)
@@ -255,7 +257,7 @@ class EpisodeGenerator:
         speak = _pick(rng, _ALERT_SPEAK, self.split).format(n=bad, v=_fmt(values[bad]))
         steps: list[tuple[list[int], list[int]]] = [(_agent(("THINK", f"{bad} is out of range."), ("SPEAK", speak), ("WAIT", "")), [])]
         felt = rng.choice(["alert", "urgent"])
-        return Episode("alert", [Turn(tr.sense_tokens(values, ranges, felt), steps)], {"reading": bad})
+        return Episode("alert", [Turn(tr.sense_tokens(values, ranges, felt), steps)], {"reading": bad, "values": json.dumps(values)})
 
     def chat(self, rng: random.Random) -> Episode:
         if rng.random() < 0.5:
@@ -264,7 +266,15 @@ class EpisodeGenerator:
             q, a = _pick(rng, _UNKNOWN, self.split), UNKNOWN_REPLY
         if rng.random() < 0.3:
             q = q.capitalize()
-        return Episode("chat", [Turn(tr.chat_tokens(q), [(_agent(("SPEAK", a), ("WAIT", "")), [])])], {"answer": a})
+        return Episode("chat", [Turn(tr.chat_tokens(q), [(_agent(("SPEAK", a), ("WAIT", "")), [])])], {"answer": a, "question": q})
+
+    def noise_memories(self, rng: random.Random) -> list[int]:
+        """A MEM observation of one or two told facts unrelated to the question at hand."""
+        lines = []
+        for _ in range(rng.randint(1, 2)):
+            s, verb = _subject(rng, self.split)
+            lines.append(_pick(rng, _FACT_TELL, self.split).format(s=s, verb=verb, v=_value(rng, self.split)))
+        return tr.memory_tokens(lines)
 
     # -- sampling ------------------------------------------------------------------------------
     def episode(self, rng: random.Random | None = None, skill: str | None = None) -> Episode:
@@ -277,10 +287,25 @@ class AgentCurriculum:
     """The training curriculum (see models.train.Curriculum) over EpisodeGenerator, optionally mixing
     windows of user text files into the generative stages."""
 
-    def __init__(self, seed: int = 0, texts: Sequence[str] = (), text_mix: float = 0.1) -> None:
+    def __init__(self, seed: int = 0, texts: Sequence[str] = (), text_mix: float = 0.1,
+                 weights: dict[str, float] | None = None, mem_noise: float = 0.0) -> None:
         self.gen = EpisodeGenerator(seed, "train")
         self.texts = [t.encode("utf-8") for t in texts if t]
         self.text_mix = text_mix if self.texts else 0.0
+        # Skill weights (uniform when None): the copy-heavy skills need more practice.
+        self.weights = [float((weights or {}).get(s, 1.0 if weights is None else 0.0)) for s in SKILLS]
+        if min(self.weights) < 0 or sum(self.weights) <= 0:
+            raise ValueError(f"skill weights must be non-negative with a positive sum, got {weights}")
+        # How often a chat turn is preceded by recalled memories that are not its answer, as the
+        # daemon's recall does once it has a history.
+        self.mem_noise = mem_noise
+
+    def _episode(self, rng: random.Random) -> Episode:
+        skill = rng.choices(SKILLS, weights=self.weights)[0]
+        ep = self.gen.episode(rng, skill)
+        if self.mem_noise and skill in ("arithmetic", "chat") and rng.random() < self.mem_noise:
+            ep.turns[0].observations = self.gen.noise_memories(rng) + ep.turns[0].observations
+        return ep
 
     def _text(self, rng: random.Random, n: int) -> tuple[list[int], list[int]]:
         blob = rng.choice(self.texts)
@@ -290,13 +315,13 @@ class AgentCurriculum:
 
     def segment(self, rng: random.Random) -> tuple[list[int], list[int]]:
         """One turn of an episode (the last, which holds the skill's answer)."""
-        ep = self.gen.episode(rng)
+        ep = self._episode(rng)
         return Episode(ep.skill, ep.turns[-1:]).sample()
 
     def episode(self, rng: random.Random) -> tuple[list[int], list[int]]:
         if self.text_mix and rng.random() < self.text_mix:
             return self._text(rng, 256)
-        return self.gen.episode(rng).sample()
+        return self._episode(rng).sample()
 
     def stream(self, rng: random.Random, n_tokens: int) -> tuple[list[int], list[int]]:
         """Episodes back to back, with facts told early and asked much later in the same stream."""
@@ -306,7 +331,7 @@ class AgentCurriculum:
             if self.text_mix and rng.random() < self.text_mix:
                 t, m = self._text(rng, 128)
             else:
-                t, m = self.gen.episode(rng).sample()
+                t, m = self._episode(rng).sample()
             tokens += t
             mask += m
         return tokens[:n_tokens], mask[:n_tokens]
