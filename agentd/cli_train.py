@@ -26,7 +26,7 @@ from agentd.config import Config
 # options but --out reproduces it.
 DEFAULT_BACKBONE = "nexus"
 DEFAULT_PRESET = "small"
-DEFAULT_STEPS = 2400
+DEFAULT_STEPS = 3600
 DEFAULT_WEIGHTS = "arithmetic=3,fact=3,calm=1,alert=1,chat=1"
 DEFAULT_STAGES = "0.4,0.5,0.1"
 
@@ -91,6 +91,8 @@ def add_parser(sub: Any) -> None:
                    help=f"how often each skill is drawn (default: {DEFAULT_WEIGHTS})")
     t.add_argument("--mem-noise", type=float, default=0.25,
                    help="share of chat/arithmetic turns preceded by unrelated recalled memories (default: %(default)s)")
+    t.add_argument("--novel-subjects", type=float, default=0.0,
+                   help="share of told facts whose subject is a made-up noun, so answers copy it (default: %(default)s)")
     t.add_argument("--text", action="append", default=[], metavar="FILE",
                    help="a UTF-8 text file to mix into the episode and stream stages, repeatable")
     t.add_argument("--text-mix", type=float, default=0.1, help="share of rows taken from --text files (default: %(default)s)")
@@ -142,7 +144,8 @@ def _train(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, seq_len=args.seq_len, stream_chunks=args.stream_chunks,
                           lr=args.lr, warmup=args.warmup, stages=args.stages, seed=args.seed, threads=args.threads,
                           checkpoint_every=args.checkpoint_every, log_every=args.log_every)
-        curriculum = AgentCurriculum(args.seed, texts, args.text_mix, weights=args.weights, mem_noise=args.mem_noise)
+        curriculum = AgentCurriculum(args.seed, texts, args.text_mix, weights=args.weights, mem_noise=args.mem_noise,
+                                     novel_subjects=args.novel_subjects)
     except ValueError as exc:
         print(f"agentd train: {exc}", file=sys.stderr)
         return 2

@@ -100,9 +100,14 @@ _FACT_ASK = {
 }
 
 
-def _subject(rng: random.Random, split: Split) -> tuple[str, str]:
-    """A (subject, verb) pair such as ("my cat", "is named") or ("the door code", "is")."""
-    noun = _pick(rng, _FACT_NOUNS, split)
+def _subject(rng: random.Random, split: Split, novel: float = 0.0) -> tuple[str, str]:
+    """A (subject, verb) pair such as ("my cat", "is named") or ("the door code", "is"). With
+    probability ``novel`` (training only) the noun is a made-up word, so answers learn to copy the
+    subject from the question instead of recalling a familiar noun."""
+    if novel and split == "train" and rng.random() < novel:
+        noun = _word(rng, split)
+    else:
+        noun = _pick(rng, _FACT_NOUNS, split)
     return f"{rng.choice(['my', 'the', 'our'])} {noun}", rng.choice(["is named", "is"])
 
 
@@ -184,8 +189,9 @@ def _fmt(x: float) -> str:
 class EpisodeGenerator:
     """Reproducible episodes: the same (seed, split) always gives the same sequence."""
 
-    def __init__(self, seed: int = 0, split: Split = "train") -> None:
+    def __init__(self, seed: int = 0, split: Split = "train", novel_subjects: float = 0.0) -> None:
         self.split = split
+        self.novel = novel_subjects
         self.rng = random.Random(f"{seed}:{split}")
 
     # -- skills --------------------------------------------------------------------------------
@@ -213,13 +219,13 @@ class EpisodeGenerator:
 
     def fact(self, rng: random.Random) -> Episode:
         split = self.split
-        s, verb = _subject(rng, split)
+        s, verb = _subject(rng, split, self.novel)
         v = _value(rng, split)
         tell = _pick(rng, _FACT_TELL, split).format(s=s, verb=verb, v=v)
         ask = _pick(rng, _FACT_ASK, split).format(verb_q=_question(s, verb))
         # The daemon remembers what it was told verbatim, so recall brings back the told sentence,
         # among other memories that are not the answer.
-        others = [o for o in (_subject(rng, split) for _ in range(rng.randint(0, 2))) if o[0] != s]
+        others = [o for o in (_subject(rng, split, self.novel) for _ in range(rng.randint(0, 2))) if o[0] != s]
         distractors = [_pick(rng, _FACT_TELL, split).format(s=ds, verb=dv, v=_value(rng, split)) for ds, dv in others]
         recalled = [tell, *distractors]
         rng.shuffle(recalled)
@@ -272,7 +278,7 @@ class EpisodeGenerator:
         """A MEM observation of one or two told facts unrelated to the question at hand."""
         lines = []
         for _ in range(rng.randint(1, 2)):
-            s, verb = _subject(rng, self.split)
+            s, verb = _subject(rng, self.split, self.novel)
             lines.append(_pick(rng, _FACT_TELL, self.split).format(s=s, verb=verb, v=_value(rng, self.split)))
         return tr.memory_tokens(lines)
 
@@ -288,8 +294,8 @@ class AgentCurriculum:
     windows of user text files into the generative stages."""
 
     def __init__(self, seed: int = 0, texts: Sequence[str] = (), text_mix: float = 0.1,
-                 weights: dict[str, float] | None = None, mem_noise: float = 0.0) -> None:
-        self.gen = EpisodeGenerator(seed, "train")
+                 weights: dict[str, float] | None = None, mem_noise: float = 0.0, novel_subjects: float = 0.0) -> None:
+        self.gen = EpisodeGenerator(seed, "train", novel_subjects)
         self.texts = [t.encode("utf-8") for t in texts if t]
         self.text_mix = text_mix if self.texts else 0.0
         # Skill weights (uniform when None): the copy-heavy skills need more practice.
