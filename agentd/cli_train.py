@@ -93,6 +93,9 @@ def add_parser(sub: Any) -> None:
                    help="share of chat/arithmetic turns preceded by unrelated recalled memories (default: %(default)s)")
     t.add_argument("--novel-subjects", type=float, default=0.0,
                    help="share of told facts whose subject is a made-up noun, so answers copy it (default: %(default)s)")
+    t.add_argument("--varied-values", type=float, default=0.0,
+                   help="share of fact values and words drawn with varied length and shape, so answers copy a "
+                        "value to its end (default: %(default)s)")
     t.add_argument("--text", action="append", default=[], metavar="FILE",
                    help="a UTF-8 text file to mix into the episode and stream stages, repeatable")
     t.add_argument("--text-mix", type=float, default=0.1, help="share of rows taken from --text files (default: %(default)s)")
@@ -145,7 +148,7 @@ def _train(args: argparse.Namespace) -> int:
                           lr=args.lr, warmup=args.warmup, stages=args.stages, seed=args.seed, threads=args.threads,
                           checkpoint_every=args.checkpoint_every, log_every=args.log_every)
         curriculum = AgentCurriculum(args.seed, texts, args.text_mix, weights=args.weights, mem_noise=args.mem_noise,
-                                     novel_subjects=args.novel_subjects)
+                                     novel_subjects=args.novel_subjects, varied_values=args.varied_values)
     except ValueError as exc:
         print(f"agentd train: {exc}", file=sys.stderr)
         return 2

@@ -171,6 +171,28 @@ def _word(rng: random.Random, split: Split) -> str:
     return w if split == "heldout" else w + rng.choice(_CONSONANTS)
 
 
+def _varied_word(rng: random.Random) -> str:
+    """A training word of 1 to 4 syllables (held-out words end in a vowel, these never do)."""
+    n = rng.randint(1, 4)
+    return "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(n)) + rng.choice(_CONSONANTS)
+
+
+def _varied_value(rng: random.Random) -> str:
+    """A training value of varied length and shape, so that an answer copies a value to its end
+    rather than stopping where training values usually stop. Still apart from held-out values:
+    words end in a consonant, codes never end in X, 4-5 digit numbers never end in 0."""
+    r = rng.random()
+    if r < 0.4:
+        return _varied_word(rng).capitalize()
+    if r < 0.7:
+        code = f"{rng.choice(_CONSONANTS).upper()}{rng.randint(1, 9999)}-{rng.randint(1, 9999)}"
+        return code + rng.choice("ABCDEFGHJKLMNPRSTUVWYZ") if rng.random() < 0.5 else code
+    digits = str(rng.randint(10, 999999))
+    if len(digits) in (4, 5) and digits.endswith("0"):
+        digits = digits[:-1] + str(rng.randint(1, 9))
+    return digits
+
+
 def _value(rng: random.Random, split: Split) -> str:
     """A fact's value: a capitalised name, a code, or a number (held-out ones built apart, see _word)."""
     r = rng.random()
@@ -189,10 +211,17 @@ def _fmt(x: float) -> str:
 class EpisodeGenerator:
     """Reproducible episodes: the same (seed, split) always gives the same sequence."""
 
-    def __init__(self, seed: int = 0, split: Split = "train", novel_subjects: float = 0.0) -> None:
+    def __init__(self, seed: int = 0, split: Split = "train", novel_subjects: float = 0.0, varied_values: float = 0.0) -> None:
         self.split = split
         self.novel = novel_subjects
+        self.varied = varied_values
         self.rng = random.Random(f"{seed}:{split}")
+
+    def _vary(self, rng: random.Random) -> bool:
+        return bool(self.varied) and self.split == "train" and rng.random() < self.varied
+
+    def _value(self, rng: random.Random) -> str:
+        return _varied_value(rng) if self._vary(rng) else _value(rng, self.split)
 
     # -- skills --------------------------------------------------------------------------------
     def arithmetic(self, rng: random.Random) -> Episode:
@@ -206,7 +235,7 @@ class EpisodeGenerator:
             speak = f"{a} {op} {b} = {answer}"
         else:
             q_tpl, code_tpl, _ = _pick(rng, _STRING_Q, split)
-            w = _word(rng, split)
+            w = _varied_word(rng) if self._vary(rng) else _word(rng, split)
             question = q_tpl.format(w=w)
             code = code_tpl.format(q=repr(w))
             answer = str(eval(code[len("print("):-1]))  # noqa: S307 - a string method on a literal
@@ -220,13 +249,13 @@ class EpisodeGenerator:
     def fact(self, rng: random.Random) -> Episode:
         split = self.split
         s, verb = _subject(rng, split, self.novel)
-        v = _value(rng, split)
+        v = self._value(rng)
         tell = _pick(rng, _FACT_TELL, split).format(s=s, verb=verb, v=v)
         ask = _pick(rng, _FACT_ASK, split).format(verb_q=_question(s, verb))
         # The daemon remembers what it was told verbatim, so recall brings back the told sentence,
         # among other memories that are not the answer.
         others = [o for o in (_subject(rng, split, self.novel) for _ in range(rng.randint(0, 2))) if o[0] != s]
-        distractors = [_pick(rng, _FACT_TELL, split).format(s=ds, verb=dv, v=_value(rng, split)) for ds, dv in others]
+        distractors = [_pick(rng, _FACT_TELL, split).format(s=ds, verb=dv, v=self._value(rng)) for ds, dv in others]
         recalled = [tell, *distractors]
         rng.shuffle(recalled)
         told = Turn(tr.chat_tokens(tell), [(_agent(("SPEAK", "Noted."), ("WAIT", "")), [])])
@@ -279,7 +308,7 @@ class EpisodeGenerator:
         lines = []
         for _ in range(rng.randint(1, 2)):
             s, verb = _subject(rng, self.split, self.novel)
-            lines.append(_pick(rng, _FACT_TELL, self.split).format(s=s, verb=verb, v=_value(rng, self.split)))
+            lines.append(_pick(rng, _FACT_TELL, self.split).format(s=s, verb=verb, v=self._value(rng)))
         return tr.memory_tokens(lines)
 
     # -- sampling ------------------------------------------------------------------------------
@@ -294,8 +323,9 @@ class AgentCurriculum:
     windows of user text files into the generative stages."""
 
     def __init__(self, seed: int = 0, texts: Sequence[str] = (), text_mix: float = 0.1,
-                 weights: dict[str, float] | None = None, mem_noise: float = 0.0, novel_subjects: float = 0.0) -> None:
-        self.gen = EpisodeGenerator(seed, "train", novel_subjects)
+                 weights: dict[str, float] | None = None, mem_noise: float = 0.0, novel_subjects: float = 0.0,
+                 varied_values: float = 0.0) -> None:
+        self.gen = EpisodeGenerator(seed, "train", novel_subjects, varied_values)
         self.texts = [t.encode("utf-8") for t in texts if t]
         self.text_mix = text_mix if self.texts else 0.0
         # Skill weights (uniform when None): the copy-heavy skills need more practice.
