@@ -96,6 +96,8 @@ def add_parser(sub: Any) -> None:
     t.add_argument("--varied-values", type=float, default=0.0,
                    help="share of fact values and words drawn with varied length and shape, so answers copy a "
                         "value to its end (default: %(default)s)")
+    t.add_argument("--paraphrase", type=float, default=0.0,
+                   help="share of questions and told facts in extra training phrasings (default: %(default)s)")
     t.add_argument("--text", action="append", default=[], metavar="FILE",
                    help="a UTF-8 text file to mix into the episode and stream stages, repeatable")
     t.add_argument("--text-mix", type=float, default=0.1, help="share of rows taken from --text files (default: %(default)s)")
@@ -148,7 +150,8 @@ def _train(args: argparse.Namespace) -> int:
                           lr=args.lr, warmup=args.warmup, stages=args.stages, seed=args.seed, threads=args.threads,
                           checkpoint_every=args.checkpoint_every, log_every=args.log_every)
         curriculum = AgentCurriculum(args.seed, texts, args.text_mix, weights=args.weights, mem_noise=args.mem_noise,
-                                     novel_subjects=args.novel_subjects, varied_values=args.varied_values)
+                                     novel_subjects=args.novel_subjects, varied_values=args.varied_values,
+                                     paraphrase=args.paraphrase)
     except ValueError as exc:
         print(f"agentd train: {exc}", file=sys.stderr)
         return 2

@@ -100,6 +100,24 @@ _FACT_ASK = {
 }
 
 
+# More training phrasings, drawn with probability ``paraphrase`` (none of them a held-out one), so
+# that a question is recognised by its meaning rather than by one of a few memorised wordings.
+_EXTRA = {
+    "arith": ["what's {a} {op} {b}?", "please compute {a} {op} {b}", "work out {a} {op} {b}", "{a} {op} {b}?",
+              "give me {a} {op} {b}", "find {a} {op} {b}", "what does {a} {op} {b} make?", "evaluate {a} {op} {b}"],
+    "string": [("write {w} backwards", "print({q}[::-1])", "reversed"), ("what is {w} reversed?", "print({q}[::-1])", "reversed"),
+               ("reverse {w}", "print({q}[::-1])", "reversed"), ("{w} backwards please", "print({q}[::-1])", "reversed"),
+               ("how long is the word {w}?", "print(len({q}))", "letters"), ("count the letters in {w}", "print(len({q}))", "letters"),
+               ("how many characters does {w} have?", "print(len({q}))", "letters"), ("length of {w}?", "print(len({q}))", "letters"),
+               ("make {w} uppercase", "print({q}.upper())", "upper"), ("{w} in upper case", "print({q}.upper())", "upper"),
+               ("capitalise every letter of {w}", "print({q}.upper())", "upper")],
+    "tell": ["just so you know, {s} {verb} {v}", "fyi {s} {verb} {v}", "don't forget that {s} {verb} {v}",
+             "remember this: {s} {verb} {v}"],
+    "ask": ["what {verb_q} now?", "say what {verb_q}", "quick question: what {verb_q}?", "do you know what {verb_q}?",
+            "any idea what {verb_q}?", "what {verb_q}, please?"],
+}
+
+
 def _subject(rng: random.Random, split: Split, novel: float = 0.0) -> tuple[str, str]:
     """A (subject, verb) pair such as ("my cat", "is named") or ("the door code", "is"). With
     probability ``novel`` (training only) the noun is a made-up word, so answers learn to copy the
@@ -211,11 +229,18 @@ def _fmt(x: float) -> str:
 class EpisodeGenerator:
     """Reproducible episodes: the same (seed, split) always gives the same sequence."""
 
-    def __init__(self, seed: int = 0, split: Split = "train", novel_subjects: float = 0.0, varied_values: float = 0.0) -> None:
+    def __init__(self, seed: int = 0, split: Split = "train", novel_subjects: float = 0.0, varied_values: float = 0.0,
+                 paraphrase: float = 0.0) -> None:
         self.split = split
         self.novel = novel_subjects
         self.varied = varied_values
+        self.paraphrase = paraphrase
         self.rng = random.Random(f"{seed}:{split}")
+
+    def _phrase(self, rng: random.Random, table: dict[str, Sequence], extra: str):  # type: ignore[no-untyped-def]
+        if self.paraphrase and self.split == "train" and rng.random() < self.paraphrase:
+            return rng.choice(_EXTRA[extra])
+        return _pick(rng, table, self.split)
 
     def _vary(self, rng: random.Random) -> bool:
         return bool(self.varied) and self.split == "train" and rng.random() < self.varied
@@ -229,12 +254,12 @@ class EpisodeGenerator:
         if rng.random() < 0.6:
             a, b = _operands(rng, split)
             op = rng.choice(["+", "-", "*"])
-            question = _pick(rng, _ARITH_Q, split).format(a=a, b=b, op=op)
+            question = self._phrase(rng, _ARITH_Q, "arith").format(a=a, b=b, op=op)
             code = f"print({a} {op} {b})"
             answer = str(eval(f"{a} {op} {b}"))  # noqa: S307 - integers and one operator we just made
             speak = f"{a} {op} {b} = {answer}"
         else:
-            q_tpl, code_tpl, _ = _pick(rng, _STRING_Q, split)
+            q_tpl, code_tpl, _ = self._phrase(rng, _STRING_Q, "string")
             w = _varied_word(rng) if self._vary(rng) else _word(rng, split)
             question = q_tpl.format(w=w)
             code = code_tpl.format(q=repr(w))
@@ -250,8 +275,8 @@ class EpisodeGenerator:
         split = self.split
         s, verb = _subject(rng, split, self.novel)
         v = self._value(rng)
-        tell = _pick(rng, _FACT_TELL, split).format(s=s, verb=verb, v=v)
-        ask = _pick(rng, _FACT_ASK, split).format(verb_q=_question(s, verb))
+        tell = self._phrase(rng, _FACT_TELL, "tell").format(s=s, verb=verb, v=v)
+        ask = self._phrase(rng, _FACT_ASK, "ask").format(verb_q=_question(s, verb))
         # The daemon remembers what it was told verbatim, so recall brings back the told sentence,
         # among other memories that are not the answer.
         others = [o for o in (_subject(rng, split, self.novel) for _ in range(rng.randint(0, 2))) if o[0] != s]
@@ -324,8 +349,8 @@ class AgentCurriculum:
 
     def __init__(self, seed: int = 0, texts: Sequence[str] = (), text_mix: float = 0.1,
                  weights: dict[str, float] | None = None, mem_noise: float = 0.0, novel_subjects: float = 0.0,
-                 varied_values: float = 0.0) -> None:
-        self.gen = EpisodeGenerator(seed, "train", novel_subjects, varied_values)
+                 varied_values: float = 0.0, paraphrase: float = 0.0) -> None:
+        self.gen = EpisodeGenerator(seed, "train", novel_subjects, varied_values, paraphrase)
         self.texts = [t.encode("utf-8") for t in texts if t]
         self.text_mix = text_mix if self.texts else 0.0
         # Skill weights (uniform when None): the copy-heavy skills need more practice.
