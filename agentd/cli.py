@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = _load_config(args)
+        if args.command == "start" or (args.command == "config" and args.config_cmd == "check"):
+            config_mod.check_backbone(cfg)
     except ConfigError as exc:
         print(f"agentd: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -180,7 +182,7 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     print(f"  breath     {st.get('phase')} #{st.get('breath')}  turns {st.get('turns')}  inbox {st.get('inbox')}")
     print(f"  clients    {st.get('clients')}  requests {st.get('requests')}  errors {st.get('errors')}")
     print(f"  state      sha256 {str(st.get('state_digest'))[:16]}…")
-    for name in ("memory", "sandbox", "soma", "mqtt"):
+    for name in ("remote", "memory", "sandbox", "soma", "mqtt"):
         if isinstance(st.get(name), dict):
             brief = ", ".join(f"{k}={v}" for k, v in st[name].items() if not isinstance(v, dict | list))
             print(f"  {name:<10} {brief}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
@@ -406,3 +407,28 @@ def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] 
 def replace(config: Config, section: str, **changes: Any) -> Config:
     """A copy of ``config`` with keys of one section changed (for SIGHUP reloads and tests)."""
     return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **changes)})
+
+
+def check_backbone(config: Config) -> None:
+    """Validate ``[backbone] name`` and ``[backbone.options]`` against the architecture's own Config
+    (and, for a backbone that needs one, its secret: the remote backbone's API key file), so that a
+    bad option stops ``agentd start`` with exit status 2 before anything is touched. Imports
+    ``models`` (torch), so it is a separate step from ``load``."""
+    from models.base import BackboneConfigError, ModelError, get_class, make_config
+
+    b = config.backbone
+    try:
+        cls = get_class(b.name)
+    except BackboneConfigError as exc:
+        raise ConfigError("backbone.name", str(exc)) from None
+    if b.checkpoint:  # the checkpoint carries its own config; options are not used (see load_backbone)
+        return
+    try:
+        arch_config = make_config(cls, b.options)
+        check = getattr(cls, "check_config", None)
+        if callable(check):
+            check(arch_config)
+    except ModelError as exc:
+        message = str(exc).removeprefix(f"{cls.name}: ")
+        named = [k for k in b.options if re.search(rf"\b{re.escape(k)}\b", message)]
+        raise ConfigError(f"backbone.options.{named[0]}" if named else "backbone.options", message) from None

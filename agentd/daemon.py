@@ -127,6 +127,9 @@ class Daemon:
             self.backbone, self.backbone_source = await asyncio.to_thread(load_backbone, cfg)
         except models.ModelError as exc:
             raise StartupError(f"cannot load backbone {cfg.backbone.name!r}: {exc}") from exc
+        backbone_status = getattr(self.backbone, "status_section", None)
+        if callable(backbone_status):  # a backbone with a life of its own (remote: endpoint and health)
+            self.status_sections[cfg.backbone.name] = backbone_status
         clock = BreathClock(cfg.breath, self._on_phase)
         self.agent = Agent(cfg, self.backbone, self.bus, clock)
         await self._start_parts()

@@ -357,6 +357,14 @@ class _Http:
             conn.close()
 
 
+def public_url(url: str) -> str:
+    """``url`` without any ``user:password@`` in it: what logs and ``status`` may show."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
 def _retry_after(value: str | None) -> float | None:
     try:
         return max(0.0, float(value)) if value else None
@@ -374,8 +382,14 @@ class Remote(Backbone):
         super().__init__(config)
         self.http = _Http(config, read_api_key(config))
         self.health = Health()
-        self.source = f"{config.base_url} ({config.model or 'server default'})"
+        self.endpoint = public_url(config.base_url)
+        self.source = f"{self.endpoint} ({config.model or 'server default'})"
         self._probe: threading.Thread | None = None
+
+    @classmethod
+    def check_config(cls, config: RemoteConfig) -> None:
+        """What start-up checks before anything is touched: the API key file is readable."""
+        read_api_key(config)
 
     @property
     def meta(self) -> StateMeta:
@@ -434,7 +448,7 @@ class Remote(Backbone):
             self.http.get_json("/models", timeout=min(5.0, self.config.read_timeout_s))
         except _Retryable as exc:
             self.health.failed(str(exc), down=True)
-            log.warning("remote_probe_failed", endpoint=self.config.base_url, error=str(exc))
+            log.warning("remote_probe_failed", endpoint=self.endpoint, error=str(exc))
             return False
         self.health.ok()
         return True
@@ -446,7 +460,7 @@ class Remote(Backbone):
         if stale and (self._probe is None or not self._probe.is_alive()):
             self._probe = threading.Thread(target=self.probe, name="remote-probe", daemon=True)
             self._probe.start()
-        return {"endpoint": self.config.base_url, "model": self.config.model, "api": self.config.api,
+        return {"endpoint": self.endpoint, "model": self.config.model, "api": self.config.api,
                 **self.health.snapshot()}
 
 
@@ -469,7 +483,7 @@ class RemoteDecoder:
             reply = _Reply(cfg.untagged)
             bb.health.requests += 1
             t0 = time.monotonic()
-            log.info("remote_request", endpoint=cfg.base_url, path=path, attempt=attempt, turns_sent=len(body.get("messages", [])))
+            log.info("remote_request", endpoint=bb.endpoint, path=path, attempt=attempt, turns_sent=len(body.get("messages", [])))
             try:
                 for line in bb.http.stream(path, body, cancel):
                     if reply.first_byte is None:
@@ -488,14 +502,14 @@ class RemoteDecoder:
                 down = attempt > cfg.max_retries
                 bb.health.failed(str(exc), down=down)
                 if down:
-                    log.error("remote_failed", endpoint=cfg.base_url, attempts=attempt, error=str(exc))
-                    raise RemoteError(f"remote backbone {cfg.base_url} failed {attempt} times; last: {exc}") from exc
+                    log.error("remote_failed", endpoint=bb.endpoint, attempts=attempt, error=str(exc))
+                    raise RemoteError(f"remote backbone {bb.endpoint} failed {attempt} times; last: {exc}") from exc
                 delay = exc.retry_after if exc.retry_after is not None else min(
                     cfg.backoff_max_s, cfg.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
                 bb.health.retries += 1
-                log.warning("remote_retry", endpoint=cfg.base_url, attempt=attempt, delay_s=round(delay, 2), error=str(exc))
-                yield Notice("backbone_retry", f"remote backbone {cfg.base_url}: {exc}; retry {attempt}/{cfg.max_retries} "
-                             f"in {delay:.1f}s", {"attempt": attempt, "retry_in_s": round(delay, 2), "endpoint": cfg.base_url})
+                log.warning("remote_retry", endpoint=bb.endpoint, attempt=attempt, delay_s=round(delay, 2), error=str(exc))
+                yield Notice("backbone_retry", f"remote backbone {bb.endpoint}: {exc}; retry {attempt}/{cfg.max_retries} "
+                             f"in {delay:.1f}s", {"attempt": attempt, "retry_in_s": round(delay, 2), "endpoint": bb.endpoint})
                 if cancel is not None and cancel.wait(delay):
                     return Stop("cancelled", state, torch.zeros(cfg.vocab_size), all_ids)
                 if cancel is None:
@@ -503,13 +517,17 @@ class RemoteDecoder:
                 continue
             except RemoteError as exc:
                 bb.health.failed(str(exc), down=True)
-                log.error("remote_refused", endpoint=cfg.base_url, error=str(exc))
+                log.error("remote_refused", endpoint=bb.endpoint, error=str(exc))
                 raise
             yield from reply.close()
             bb.health.ok(reply.first_byte)
+            if reply.malformed or reply.unclosed_exec:
+                yield Notice("backbone_malformed", reply.complaint(bb.endpoint),
+                             {"malformed_chunks": reply.malformed, "unclosed_exec": reply.unclosed_exec,
+                              "endpoint": bb.endpoint})
             all_ids += reply.ids
             state = _advance(bb, state, reply.ids)
-            log.info("remote_reply", endpoint=cfg.base_url, reason=reason, ids=len(reply.ids),
+            log.info("remote_reply", endpoint=bb.endpoint, reason=reason, ids=len(reply.ids),
                      seconds=round(time.monotonic() - t0, 3))
             return Stop(reason, state, torch.zeros(cfg.vocab_size), all_ids)  # type: ignore[arg-type]
 
@@ -533,8 +551,17 @@ class _Reply:
         self.stop: str | None = None  # wait | exec | eos, once the reply says so
         self.finish: str | None = None  # from the server: eos (stop) | max_tokens (length)
         self.first_byte: float | None = None
-        self.malformed = 0
+        self.malformed = 0  # stream lines that were not the JSON chunks they should be
+        self.unclosed_exec = False  # the reply ended inside <exec>: its code is not run
         self._reasoning = False
+
+    def complaint(self, endpoint: str) -> str:
+        what = []
+        if self.malformed:
+            what.append(f"{self.malformed} malformed stream chunk(s) skipped")
+        if self.unclosed_exec:
+            what.append("the reply ended inside <exec> without </exec>, so its code was not run")
+        return f"remote backbone {endpoint}: " + "; ".join(what)
 
     def line(self, raw: bytes) -> Generator[Delta | SegmentEnd, None, None]:
         text = raw.decode("utf-8", errors="replace").strip()
@@ -552,6 +579,7 @@ class _Reply:
             return
         if not isinstance(chunk, dict):
             self.malformed += 1
+            log.warning("remote_malformed_chunk", chunk=data[:200])
             return
         if "error" in chunk:  # servers report a failure mid-stream this way
             raise _Retryable(f"server error mid-stream: {str(chunk['error'])[:300]}")
@@ -577,6 +605,7 @@ class _Reply:
     def close(self) -> Generator[Delta | SegmentEnd, None, None]:
         if self.stop is None:
             yield from self._pieces(self.parser.flush())
+            self.unclosed_exec = self.kind == "exec"
         yield from self._end()
 
     def _end(self) -> Generator[SegmentEnd, None, None]:
