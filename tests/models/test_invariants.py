@@ -29,6 +29,7 @@ SMALL_CONFIGS: dict[str, dict[str, Any]] = {
     ),
     "astarte": dict(d_model=32, n_layers=2, n_heads=2, state_dim=16),
     "spiral": dict(d_model=32, n_layers=2, n_heads=2, max_hop=8, tower_slots=3, paint_every=4),
+    "agiformer": dict(d_model=32, n_layers=2, n_heads=2, window=4, d_local=8),  # window: 4 latents = 16 bytes
     # A tiny random GPT-2 built and saved locally (tests/models/tinylm.py); ``path`` is filled in
     # by the factory from the session's fixture.
     "hf": dict(window=16, keep=8),
