@@ -63,6 +63,16 @@ class TurnResult:
     events: list[dict[str, Any]] = field(default_factory=list)
 
 
+class TurnError(Exception):
+    """A turn that failed (its backbone did): what a chat request's ``done`` future raises, so the
+    requester gets one terminal ``error`` event with ``code`` instead of a ``done``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
 class Memory(Protocol):
     """What the loop needs of long-term memory and snapshots (agentd.memory_service.MemoryService)."""
 
@@ -209,6 +219,7 @@ class Agent:
         self._cancel.clear()
         self.in_turn = True
         agent_cfg = self.config.agent
+        failure: TurnError | None = None
         try:
             tokens = list(recalled or [])
             for obs in batch:
@@ -244,8 +255,9 @@ class Agent:
             log.exception("turn_failed", turn=res.turn)
             res.reason = "error"
             # A backbone's own errors carry a code (the remote backbone's ``backbone_unavailable``).
-            code = getattr(exc, "code", None) or "internal"
-            self.emit({"event": "error", "code": code, "message": f"turn {res.turn} failed: {exc}", "turn": res.turn})
+            failure = TurnError(getattr(exc, "code", None) or "internal", f"turn {res.turn} failed: {exc}")
+            # Subscribers see it on the bus; a requester gets it as its one terminal event (below).
+            self.bus.publish({"event": "error", "code": failure.code, "message": failure.message, "turn": res.turn})
         finally:
             self.in_turn = False
             res.seconds = time.perf_counter() - t0
@@ -253,7 +265,10 @@ class Agent:
             result = {"turn": res.turn, "speak": res.speak, "reason": res.reason}
             for obs in batch:
                 if obs.done is not None and not obs.done.done():
-                    obs.done.set_result(result)
+                    if failure is not None:
+                        obs.done.set_exception(failure)
+                    else:
+                        obs.done.set_result(result)
             self._listeners = []
         log.info("turn_done", turn=res.turn, reason=res.reason, segments=res.segments, execs=res.execs,
                  tokens=res.tokens, seconds=round(res.seconds, 3))

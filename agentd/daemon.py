@@ -34,7 +34,7 @@ import torch
 import models
 from agentd import config as config_mod
 from agentd import log as log_mod
-from agentd.agent import Agent, Observation
+from agentd.agent import Agent, Observation, TurnError
 from agentd.breath import BreathClock, Phase
 from agentd.config import Config, ConfigError
 from agentd.events import EventBus
@@ -343,7 +343,10 @@ class Daemon:
         done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         listener = (lambda ev: conn.send({**ev, "id": rid})) if rid is not None else None
         self.agent.put(Observation("chat", text, source=f"socket:{conn.peer.get('pid', '?')}", listener=listener, done=done))
-        return await done
+        try:
+            return await done
+        except TurnError as exc:  # the turn failed: one terminal error event, with the backbone's code
+            raise OpError(exc.code, exc.message) from None
 
     async def _op_cancel(self, conn: Connection, req: dict[str, Any]) -> dict[str, Any]:
         return {"cancelled": self.agent.cancel() if self.agent is not None else False}
