@@ -98,6 +98,9 @@ def add_parser(sub: Any) -> None:
                         "value to its end (default: %(default)s)")
     t.add_argument("--paraphrase", type=float, default=0.0,
                    help="share of questions and told facts in extra training phrasings (default: %(default)s)")
+    t.add_argument("--open-endings", type=float, default=0.0,
+                   help="share of varied words ending in a vowel and codes ending in X, in shapes the held-out "
+                        "values never take (default: %(default)s)")
     t.add_argument("--text", action="append", default=[], metavar="FILE",
                    help="a UTF-8 text file to mix into the episode and stream stages, repeatable")
     t.add_argument("--text-mix", type=float, default=0.1, help="share of rows taken from --text files (default: %(default)s)")
@@ -151,7 +154,7 @@ def _train(args: argparse.Namespace) -> int:
                           checkpoint_every=args.checkpoint_every, log_every=args.log_every)
         curriculum = AgentCurriculum(args.seed, texts, args.text_mix, weights=args.weights, mem_noise=args.mem_noise,
                                      novel_subjects=args.novel_subjects, varied_values=args.varied_values,
-                                     paraphrase=args.paraphrase)
+                                     paraphrase=args.paraphrase, open_endings=args.open_endings)
     except ValueError as exc:
         print(f"agentd train: {exc}", file=sys.stderr)
         return 2

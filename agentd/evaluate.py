@@ -60,6 +60,7 @@ class _Harness:
     def __init__(self, config: Config, backbone: Any, workdir: Path, verbose: bool) -> None:
         self.config, self.backbone, self.workdir, self.verbose = config, backbone, workdir, verbose
         self.n = 0
+        self.recalled = ""  # the MEM observation of the last turn, for --verbose
 
     def agent(self, config: Config | None = None) -> Any:
         from agentd.agent import Agent
@@ -75,6 +76,7 @@ class _Harness:
         for obs in observations:
             obs.listener = events.append
         recalled = await agent._recall(observations)
+        self.recalled = agent.backbone.tokenizer.decode(recalled) if recalled else ""
         res = await agent.run_turn(observations, recalled)
         return res, events
 
@@ -115,7 +117,8 @@ class _Harness:
         answer = ep.expect["answer"]
         return Outcome("fact", says(asked.speak, answer),
                        self.well_formed(told, ev1) and self.well_formed(asked, ev2), asked.speak,
-                       {"tell": ep.expect["tell"], "ask": ep.expect["ask"], "answer": answer, "ack": told.speak})
+                       {"tell": ep.expect["tell"], "ask": ep.expect["ask"], "answer": answer, "ack": told.speak,
+                        "recalled": self.recalled})
 
     async def _sense(self, ep: Any) -> tuple[Any, list[dict[str, Any]]]:
         import json

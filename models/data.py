@@ -189,19 +189,27 @@ def _word(rng: random.Random, split: Split) -> str:
     return w if split == "heldout" else w + rng.choice(_CONSONANTS)
 
 
-def _varied_word(rng: random.Random) -> str:
-    """A training word of 1 to 4 syllables (held-out words end in a vowel, these never do)."""
+def _varied_word(rng: random.Random, open_endings: float = 0.0) -> str:
+    """A training word of 1 to 4 syllables. Held-out words are 2 or 3 open syllables (ending in a
+    vowel); with probability ``open_endings`` a training word ends in a vowel too, but then has 1 or 4
+    syllables, so the model learns to copy vowel endings without ever seeing a held-out word."""
+    if open_endings and rng.random() < open_endings:
+        n = rng.choice((1, 4))
+        return "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(n))
     n = rng.randint(1, 4)
     return "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(n)) + rng.choice(_CONSONANTS)
 
 
-def _varied_value(rng: random.Random) -> str:
+def _varied_value(rng: random.Random, open_endings: float = 0.0) -> str:
     """A training value of varied length and shape, so that an answer copies a value to its end
     rather than stopping where training values usually stop. Still apart from held-out values:
     words end in a consonant, codes never end in X, 4-5 digit numbers never end in 0."""
     r = rng.random()
     if r < 0.4:
-        return _varied_word(rng).capitalize()
+        return _varied_word(rng, open_endings).capitalize()
+    if r < 0.7 and open_endings and rng.random() < open_endings:
+        # Ends in X like held-out codes, but its second number has 3-4 digits (held-out: 2).
+        return f"{rng.choice(_CONSONANTS).upper()}{rng.randint(1, 9999)}-{rng.randint(100, 9999)}X"
     if r < 0.7:
         code = f"{rng.choice(_CONSONANTS).upper()}{rng.randint(1, 9999)}-{rng.randint(1, 9999)}"
         return code + rng.choice("ABCDEFGHJKLMNPRSTUVWYZ") if rng.random() < 0.5 else code
@@ -230,11 +238,12 @@ class EpisodeGenerator:
     """Reproducible episodes: the same (seed, split) always gives the same sequence."""
 
     def __init__(self, seed: int = 0, split: Split = "train", novel_subjects: float = 0.0, varied_values: float = 0.0,
-                 paraphrase: float = 0.0) -> None:
+                 paraphrase: float = 0.0, open_endings: float = 0.0) -> None:
         self.split = split
         self.novel = novel_subjects
         self.varied = varied_values
         self.paraphrase = paraphrase
+        self.open_endings = open_endings
         self.rng = random.Random(f"{seed}:{split}")
 
     def _phrase(self, rng: random.Random, table: dict[str, Sequence], extra: str):  # type: ignore[no-untyped-def]
@@ -246,7 +255,7 @@ class EpisodeGenerator:
         return bool(self.varied) and self.split == "train" and rng.random() < self.varied
 
     def _value(self, rng: random.Random) -> str:
-        return _varied_value(rng) if self._vary(rng) else _value(rng, self.split)
+        return _varied_value(rng, self.open_endings) if self._vary(rng) else _value(rng, self.split)
 
     # -- skills --------------------------------------------------------------------------------
     def arithmetic(self, rng: random.Random) -> Episode:
@@ -260,7 +269,7 @@ class EpisodeGenerator:
             speak = f"{a} {op} {b} = {answer}"
         else:
             q_tpl, code_tpl, _ = self._phrase(rng, _STRING_Q, "string")
-            w = _varied_word(rng) if self._vary(rng) else _word(rng, split)
+            w = _varied_word(rng, self.open_endings) if self._vary(rng) else _word(rng, split)
             question = q_tpl.format(w=w)
             code = code_tpl.format(q=repr(w))
             answer = str(eval(code[len("print("):-1]))  # noqa: S307 - a string method on a literal
@@ -349,8 +358,8 @@ class AgentCurriculum:
 
     def __init__(self, seed: int = 0, texts: Sequence[str] = (), text_mix: float = 0.1,
                  weights: dict[str, float] | None = None, mem_noise: float = 0.0, novel_subjects: float = 0.0,
-                 varied_values: float = 0.0, paraphrase: float = 0.0) -> None:
-        self.gen = EpisodeGenerator(seed, "train", novel_subjects, varied_values, paraphrase)
+                 varied_values: float = 0.0, paraphrase: float = 0.0, open_endings: float = 0.0) -> None:
+        self.gen = EpisodeGenerator(seed, "train", novel_subjects, varied_values, paraphrase, open_endings)
         self.texts = [t.encode("utf-8") for t in texts if t]
         self.text_mix = text_mix if self.texts else 0.0
         # Skill weights (uniform when None): the copy-heavy skills need more practice.
