@@ -22,25 +22,18 @@ agentd keeps running where it is (loop, memory, sandbox, senses) and sends gener
                ``fatal: false``), backoff, retry; after ``max_retries`` the turn fails with
                ``backbone_unavailable``. 400/401/403/404 are not retried: the config is wrong.
 
-HTTP is the standard library's (one connection per request, so a cancelled turn can shut its
-socket from another thread and never waits out a read timeout).
+The HTTP side (streaming, timeouts, cancellation, health, the API key) is ``models.remote_http``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
-import os
 import random
-import socket
-import ssl
-import stat
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -48,17 +41,18 @@ import structlog
 import torch
 from torch import Tensor
 
-from models.base import Backbone, ModelError, State, StateMeta, register
+from models.base import Backbone, State, StateMeta, register
 from models.generate import Delta, Notice, SamplingConfig, SegmentEnd, SegmentKind, Stop
+from models.remote_http import Health, Http, RemoteError, Retryable, public_url, read_api_key
 from models.texttags import END_SPEAK, END_THINK, TAGS, Piece, TagStreamParser, escape
 from models.tokenizer import ID, NAME, VOCAB_SIZE
+
+__all__ = ["Remote", "RemoteConfig", "RemoteDecoder", "RemoteError", "Transcript", "read_transcript", "system_prompt"]
 
 log = structlog.get_logger("models.remote")
 
 _OPENERS: dict[str, SegmentKind] = {"THINK": "think", "SPEAK": "speak", "EXEC": "exec"}
 _OBSERVATIONS = {"OBS": "END_OBS", "RESULT": "END_RESULT", "MEM": "END_MEM", "SENSE": "END_SENSE"}
-_RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
-_MAX_ERROR_BODY = 2048
 
 SYSTEM_PROMPT = """You are the mind of agentd, a long-running agent. Everything you write is read by a program, so mark it with these tags:
 <think> your private reasoning (never shown to the user)
@@ -67,22 +61,6 @@ SYSTEM_PROMPT = """You are the mind of agentd, a long-running agent. Everything 
 <wait/> when you are done for now: you sleep until the next input
 A reply looks like: <think>...<speak>...<wait/>
 Inputs: user messages come as they are, program results as <result>...</result>."""
-
-
-class RemoteError(ModelError):
-    """The server could not give a reply. ``code`` is the ``error`` event's code."""
-
-    def __init__(self, message: str, code: str = "backbone_unavailable") -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class _Retryable(Exception):
-    """One attempt failed in a way that another attempt may not (connection, timeout, 429, 5xx)."""
-
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 @dataclass
@@ -127,24 +105,6 @@ class RemoteConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
-
-
-def read_api_key(cfg: RemoteConfig, environ: dict[str, str] | None = None) -> str | None:
-    """The API key from ``api_key_file`` (first line) or the ``api_key_env`` variable; None for none."""
-    if cfg.api_key_file:
-        path = Path(cfg.api_key_file).expanduser()
-        try:
-            key = path.read_text().strip().splitlines()
-            mode = path.stat().st_mode
-        except OSError as exc:
-            raise ModelError(f"remote: cannot read api_key_file {path}: {exc}") from exc
-        if not key or not key[0].strip():
-            raise ModelError(f"remote: api_key_file {path} is empty")
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            log.warning("remote_key_file_open", path=str(path), mode=oct(mode & 0o777), advice="chmod 600")
-        return key[0].strip()
-    env = os.environ if environ is None else environ
-    return env.get(cfg.api_key_env) or None if cfg.api_key_env else None
 
 
 # -- the transcript ---------------------------------------------------------------------------------
@@ -234,144 +194,6 @@ def system_prompt(tr: Transcript, extra: str = "") -> str:
     return "\n\n".join(parts)
 
 
-# -- health -----------------------------------------------------------------------------------------
-class Health:
-    """What ``status`` shows of the server: updated by requests and probes (any thread)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.state = "unknown"  # unknown | ok | retrying | down
-        self.last_ok_at: float | None = None
-        self.last_error: str | None = None
-        self.last_error_at: float | None = None
-        self.failures = 0  # consecutive
-        self.requests = 0
-        self.retries = 0
-        self.first_byte_s: float | None = None
-
-    def ok(self, first_byte_s: float | None = None) -> None:
-        with self._lock:
-            self.state, self.failures, self.last_ok_at = "ok", 0, time.time()
-            if first_byte_s is not None:
-                self.first_byte_s = round(first_byte_s, 3)
-
-    def failed(self, error: str, down: bool) -> None:
-        with self._lock:
-            self.state = "down" if down else "retrying"
-            self.failures += 1
-            self.last_error, self.last_error_at = error, time.time()
-
-    def last_contact(self) -> float:
-        return max(self.last_ok_at or 0.0, self.last_error_at or 0.0)
-
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            return {"health": self.state, "last_ok_at": self.last_ok_at, "last_error": self.last_error,
-                    "last_error_at": self.last_error_at, "consecutive_failures": self.failures,
-                    "requests": self.requests, "retries": self.retries, "first_byte_s": self.first_byte_s}
-
-
-# -- HTTP -------------------------------------------------------------------------------------------
-class _Http:
-    """One request per connection, stdlib only; ``cancel`` shuts the socket from a watcher thread."""
-
-    def __init__(self, cfg: RemoteConfig, key: str | None) -> None:
-        url = urlsplit(cfg.base_url)
-        self.https = url.scheme == "https"
-        self.host = url.hostname or ""
-        self.port = url.port or (443 if self.https else 80)
-        self.root = url.path.rstrip("/")
-        self.cfg = cfg
-        self.headers = {"Content-Type": "application/json", "Accept": "text/event-stream", "User-Agent": "agentd"}
-        if key:
-            self.headers["Authorization"] = f"Bearer {key}"
-
-    def _connect(self, read_timeout: float) -> http.client.HTTPConnection:
-        cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
-        kw: dict[str, Any] = {"context": ssl.create_default_context()} if self.https else {}
-        conn = cls(self.host, self.port, timeout=self.cfg.connect_timeout_s, **kw)
-        try:
-            conn.connect()
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            raise _Retryable(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
-        assert conn.sock is not None
-        conn.sock.settimeout(read_timeout)
-        return conn
-
-    def get_json(self, path: str, timeout: float) -> Any:
-        conn = self._connect(timeout)
-        try:
-            conn.request("GET", self.root + path, headers={k: v for k, v in self.headers.items() if k != "Accept"})
-            resp = conn.getresponse()
-            body = resp.read(1 << 20)
-            if resp.status != 200:
-                raise _Retryable(f"GET {path}: HTTP {resp.status}")
-            return json.loads(body)
-        except (OSError, http.client.HTTPException, ValueError) as exc:
-            raise _Retryable(f"GET {path}: {exc}") from exc
-        finally:
-            conn.close()
-
-    def stream(self, path: str, body: dict[str, Any], cancel: threading.Event | None) -> Iterator[bytes]:
-        """The response's lines, as they arrive. Raises _Retryable or RemoteError (not retried)."""
-        conn = self._connect(self.cfg.read_timeout_s)
-        done = threading.Event()
-        sock = conn.sock
-
-        def watch() -> None:  # a blocked recv wakes only when its socket is shut down
-            while not done.wait(0.05):
-                if cancel is not None and cancel.is_set():
-                    try:
-                        sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
-                    except OSError:
-                        pass
-                    return
-
-        watcher = threading.Thread(target=watch, name="remote-cancel", daemon=True)
-        watcher.start()
-        try:
-            try:
-                conn.request("POST", self.root + path, body=json.dumps(body).encode(), headers=self.headers)
-                resp = conn.getresponse()
-            except (OSError, http.client.HTTPException) as exc:
-                raise _Retryable(f"POST {path}: {type(exc).__name__}: {exc}") from exc
-            if resp.status != 200:
-                detail = resp.read(_MAX_ERROR_BODY).decode("utf-8", errors="replace").strip()
-                msg = f"POST {path}: HTTP {resp.status} {resp.reason}" + (f": {detail[:300]}" if detail else "")
-                if resp.status in _RETRY_STATUS:
-                    raise _Retryable(msg, _retry_after(resp.getheader("Retry-After")))
-                raise RemoteError(msg, code="backbone_error")
-            while True:
-                try:
-                    line = resp.readline(1 << 20)
-                except (OSError, http.client.HTTPException) as exc:
-                    if cancel is not None and cancel.is_set():
-                        return
-                    raise _Retryable(f"stream broken: {type(exc).__name__}: {exc}") from exc
-                if not line:
-                    return
-                yield line
-        finally:
-            done.set()
-            conn.close()
-
-
-def public_url(url: str) -> str:
-    """``url`` without any ``user:password@`` in it: what logs and ``status`` may show."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
-
-
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:
-        return None  # an HTTP date: fall back to our own backoff
-
-
 # -- the backbone -----------------------------------------------------------------------------------
 @register
 class Remote(Backbone):
@@ -380,7 +202,7 @@ class Remote(Backbone):
 
     def __init__(self, config: RemoteConfig) -> None:
         super().__init__(config)
-        self.http = _Http(config, read_api_key(config))
+        self.http = Http(config, read_api_key(config))
         self.health = Health()
         self.endpoint = public_url(config.base_url)
         self.source = f"{self.endpoint} ({config.model or 'server default'})"
@@ -446,7 +268,7 @@ class Remote(Backbone):
         """GET /models: is the server there? Updates ``health``."""
         try:
             self.http.get_json("/models", timeout=min(5.0, self.config.read_timeout_s))
-        except _Retryable as exc:
+        except Retryable as exc:
             self.health.failed(str(exc), down=True)
             log.warning("remote_probe_failed", endpoint=self.endpoint, error=str(exc))
             return False
@@ -493,8 +315,8 @@ class RemoteDecoder:
                         break
                 reason = reply.stop or ("cancelled" if cancel is not None and cancel.is_set() else reply.finish)
                 if reason is None:
-                    raise _Retryable("stream ended before the reply did (no finish_reason, no [DONE])")
-            except _Retryable as exc:
+                    raise Retryable("stream ended before the reply did (no finish_reason, no [DONE])")
+            except Retryable as exc:
                 yield from reply.close()
                 all_ids += reply.ids
                 state = _advance(bb, state, reply.ids)
@@ -582,7 +404,7 @@ class _Reply:
             log.warning("remote_malformed_chunk", chunk=data[:200])
             return
         if "error" in chunk:  # servers report a failure mid-stream this way
-            raise _Retryable(f"server error mid-stream: {str(chunk['error'])[:300]}")
+            raise Retryable(f"server error mid-stream: {str(chunk['error'])[:300]}")
         for choice in chunk.get("choices") or []:
             delta = choice.get("delta") or {}
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")

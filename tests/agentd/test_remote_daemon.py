@@ -140,6 +140,8 @@ def test_chat_against_transformers_serve_survives_a_server_kill_and_a_restart(
 
     # 2. The server dies mid-turn: an error event for the requester, retries seen by subscribers,
     #    and the daemon keeps answering status.
+    requester: list[dict[str, Any]] = []
+
     async def killed_turn() -> tuple[list[dict[str, Any]], RequestError, dict[str, Any]]:
         seen: list[dict[str, Any]] = []
         async with Client(d.socket_path, timeout=10) as watcher:
@@ -156,6 +158,7 @@ def test_chat_against_transformers_serve_survives_a_server_kill_and_a_restart(
             task = asyncio.create_task(watch())
 
             def kill_at_first_speak(ev: dict[str, Any]) -> None:
+                requester.append(ev)
                 if ev["event"] == "speak" and "delta" in ev:
                     serve.kill()
 
@@ -171,6 +174,8 @@ def test_chat_against_transformers_serve_survives_a_server_kill_and_a_restart(
     seen, err, during = asyncio.run(killed_turn())
     timings["error_after_kill_s"] = time.monotonic() - t
     assert err.code == "backbone_unavailable" and "failed 3 times" in err.message, err
+    # The error is the request's one terminal event: it comes after the turn's wait, no done follows.
+    assert requester[-1]["event"] == "wait" and requester[-1]["reason"] == "error"
     retries = [ev for ev in seen if ev.get("event") == "error" and ev.get("code") == "backbone_retry"]
     assert [ev["code"] for ev in seen if ev.get("event") == "error" and ev.get("fatal", True) is not False][-1:] == [
         "backbone_unavailable"]  # subscribers see the turn fail too
