@@ -1,11 +1,14 @@
 """Invariant checks every backbone must pass, as plain functions usable from any pytest.
 
-Plugin authors test their own architecture with the same checks the built-ins pass::
+Plugin authors test their own architecture with the same checks the built-ins pass. One line in a
+test module gives one pytest item per check (``test_invariant[causal]``, ``...[state_bounded]``, ...)::
 
-    from models.testing import run_all
+    import models
+    from models.testing import invariant_tests
 
-    def test_my_backbone(tmp_path):
-        run_all(lambda: models.build("mine", d_model=32, n_layers=2), tmp_path)
+    test_invariant = invariant_tests(lambda: models.build("mine", d_model=32, n_layers=2))
+
+or, all in one test, ``run_all(factory, tmp_path)``. docs/backbones.md walks through a whole plugin.
 
 Each ``check_*`` raises ``AssertionError`` naming what broke, and leaves the backbone it is given
 unchanged (``check_overfits`` trains a deep copy). Everything runs in fp32 on the backbone's device.
@@ -18,7 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -47,8 +50,11 @@ __all__ = [
     "check_pure",
     "check_state_bounded",
     "check_state_roundtrip",
+    "CHECKS",
+    "invariant_tests",
     "random_tokens",
     "run_all",
+    "run_check",
 ]
 
 
@@ -289,14 +295,53 @@ def check_checkpoint_roundtrip(bb: Backbone, tmp_path: str | Path) -> None:
         raise AssertionError("a model loaded from its checkpoint gives other logits")
 
 
+# name -> check(backbone, tmp_dir, overfit_threshold, overfit_steps): the order run_all runs them in.
+CHECKS: dict[str, Callable[[Backbone, Path, float, int], object]] = {
+    "causal": lambda bb, tmp, th, n: check_causal(bb),
+    "chunked_equals_whole_equals_step": lambda bb, tmp, th, n: check_chunked_equals_whole_equals_step(bb),
+    "pure": lambda bb, tmp, th, n: check_pure(bb),
+    "state_roundtrip": lambda bb, tmp, th, n: check_state_roundtrip(bb, tmp),
+    "state_bounded": lambda bb, tmp, th, n: check_state_bounded(bb),
+    "bad_inputs": lambda bb, tmp, th, n: check_bad_inputs(bb, tmp),
+    "checkpoint_roundtrip": lambda bb, tmp, th, n: check_checkpoint_roundtrip(bb, tmp),
+    "overfits": lambda bb, tmp, th, n: check_overfits(bb, threshold=th, steps=n),
+}
+
+
+def run_check(name: str, bb: Backbone, tmp_path: str | Path, overfit_threshold: float = 0.5, overfit_steps: int = 150) -> None:
+    """Run the check ``name`` (a key of ``CHECKS``) on ``bb``, using ``tmp_path`` for its files."""
+    if name not in CHECKS:
+        raise KeyError(f"no invariant check {name!r}; known: {', '.join(CHECKS)}")
+    tmp = Path(tmp_path) / name
+    tmp.mkdir(parents=True, exist_ok=True)
+    CHECKS[name](bb, tmp, overfit_threshold, overfit_steps)
+
+
 def run_all(factory: Callable[[], Backbone], tmp_path: str | Path, overfit_threshold: float = 0.5, overfit_steps: int = 150) -> None:
     """Every check above, each on a fresh backbone from ``factory`` (a small config, fp32)."""
-    tmp = Path(tmp_path)
-    check_causal(factory())
-    check_chunked_equals_whole_equals_step(factory())
-    check_pure(factory())
-    check_state_roundtrip(factory(), tmp / "roundtrip")
-    check_state_bounded(factory())
-    check_bad_inputs(factory(), tmp / "bad")
-    check_checkpoint_roundtrip(factory(), tmp / "ckpt")
-    check_overfits(factory(), threshold=overfit_threshold, steps=overfit_steps)
+    for name in CHECKS:
+        run_check(name, factory(), tmp_path, overfit_threshold, overfit_steps)
+
+
+def invariant_tests(
+    factory: Callable[[], Backbone],
+    skip: Collection[str] = (),
+    overfit_threshold: float = 0.5,
+    overfit_steps: int = 150,
+) -> Callable[..., None]:
+    """A pytest test function, parametrized over every check in ``CHECKS`` but ``skip``: bind it to a
+    ``test_*`` name in a test module and pytest collects one item per check, each on a fresh backbone
+    from ``factory``. ``skip`` is for checks an architecture cannot meet by design (say so in a comment).
+    Needs pytest (imported here, not by the rest of this module)."""
+    import pytest
+
+    unknown = sorted(set(skip) - set(CHECKS))
+    if unknown:
+        raise KeyError(f"skip names unknown checks {unknown}; known: {', '.join(CHECKS)}")
+    names = [n for n in CHECKS if n not in skip]
+
+    @pytest.mark.parametrize("check", names)
+    def test_invariant(check: str, tmp_path: Path) -> None:
+        run_check(check, factory(), tmp_path, overfit_threshold, overfit_steps)
+
+    return test_invariant
