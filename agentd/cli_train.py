@@ -22,8 +22,8 @@ from typing import Any
 
 from agentd.config import Config
 
-# The recipe of the shipped default checkpoint (README, "Training"); `agentd train` with no
-# options but --out reproduces it.
+# The first phase of the shipped default checkpoint's recipe (README, "Training"): `agentd train`
+# with no options but --out runs it.
 DEFAULT_BACKBONE = "nexus"
 DEFAULT_PRESET = "small"
 DEFAULT_STEPS = 3600
@@ -73,7 +73,7 @@ def add_parser(sub: Any) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     t: argparse.ArgumentParser = sub.add_parser(
         "train", help="train a backbone on synthetic agent episodes", formatter_class=fmt,
-        description=__doc__.split("\n\n")[1] + "\n\nWith only --out it reproduces the shipped default checkpoint.")
+        description=__doc__.split("\n\n")[1] + "\n\nWith only --out it runs the first phase of the shipped default's recipe (README, Training).")
     t.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"architecture to train (default: {DEFAULT_BACKBONE})")
     t.add_argument("--preset", default=DEFAULT_PRESET, choices=("tiny", "small"),
                    help="model size: tiny (d_model 64, 2 layers) or small (128, 4) (default: %(default)s)")

@@ -103,7 +103,7 @@ class AgentSection:
 
 @dataclass(frozen=True)
 class BackboneSection:
-    name: str = "hyena"
+    name: str = "nexus"
     checkpoint: str = ""  # a checkpoint directory; "" = random weights of `name` (or the bundled default)
     options: dict[str, Any] = field(default_factory=dict)  # overrides of the architecture's Config
     temperature: float = 0.7
