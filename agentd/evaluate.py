@@ -98,7 +98,8 @@ class _Harness:
         ran = any(r.get("exit_code") == 0 and says(r.get("stdout", ""), answer) for r in results)
         ok = bool(execs) and ran and says(res.speak, answer)
         return Outcome("arithmetic", ok, self.well_formed(res, events), res.speak,
-                       {"question": ep.expect["question"], "answer": answer, "code": [e.get("code") for e in execs]})
+                       {"question": ep.expect["question"], "answer": answer, "code": [e.get("code") for e in execs],
+                        "kind": "string" if "'" in ep.expect["code"] else "number"})
 
     async def fact(self, ep: Any) -> Outcome:
         from agentd.agent import Observation
@@ -200,6 +201,9 @@ async def arun(config: Config, checkpoint: str | None = None, skills: list[str] 
         mine = [o for o in outcomes if o.skill == skill]
         report["skills"][skill] = {"label": SKILL_LABELS[skill], **_rate([o.ok for o in mine]),
                                    "well_formed": _rate([o.well_formed for o in mine])["rate"]}
+        if skill == "arithmetic":  # numbers and string work apart: they fail differently
+            report["skills"][skill]["kinds"] = {k: _rate([o.ok for o in mine if o.detail["kind"] == k])
+                                                for k in ("number", "string")}
     return report
 
 
@@ -215,4 +219,6 @@ def format_report(report: dict[str, Any]) -> str:
              f"  {'protocol well-formed':<26} {wf['rate']:>7.1%}  ({wf['ok']}/{wf['n']})"]
     for s in report["skills"].values():
         lines.append(f"  {s['label']:<26} {s['rate']:>7.1%}  ({s['ok']}/{s['n']})")
+        for kind, k in s.get("kinds", {}).items():
+            lines.append(f"    {kind:<24} {k['rate']:>7.1%}  ({k['ok']}/{k['n']})")
     return "\n".join(lines)
