@@ -446,16 +446,31 @@ class ThoughtBlock(Collapsible):
         self.body.update(Content(self.text))
 
 
-class Conversation(VerticalScroll):
-    """What was said, turn by turn; follows the newest text unless the user scrolls up."""
+class FollowingScroll(VerticalScroll):
+    """A scroll that follows the newest text (until the user scrolls up) once there is more than fits.
+
+    Textual's anchor also bottom-aligns content shorter than the view, which leaves a fresh console's
+    first lines at the foot of an empty pane; so it is anchored only while the content overflows.
+    A light timer checks that: Textual sends no event when only the content's height changes."""
 
     def on_mount(self) -> None:
-        self.anchor()
+        self.set_interval(0.2, self._follow)
+
+    def _follow(self) -> None:
+        overflowing = self.virtual_size.height > self.scrollable_content_region.height
+        if overflowing and not self.is_anchored:
+            self.anchor()
+        elif not overflowing and self.is_anchored:
+            self.anchor(False)
 
 
-class Thoughts(VerticalScroll):
+class Conversation(FollowingScroll):
+    """What was said, turn by turn; follows the newest text unless the user scrolls up."""
+
+
+class Thoughts(FollowingScroll):
     """THINK segments, per turn."""
 
     def on_mount(self) -> None:
+        super().on_mount()
         self.border_title = "thoughts"
-        self.anchor()

@@ -98,6 +98,8 @@ def test_exec_waits_for_approval_then_runs_or_is_denied(daemon_factory: Callable
             screen = screen_text(app)
             assert "print(6 * 7)" in screen and "approve (ctrl+y)" in screen, "the block has its buttons"
             assert "^y Approve" in screen and "^n Deny" in screen, "the footer offers the approval keys"
+            palette = [c.title for c in app.get_system_commands(app.screen)]
+            assert "Approve exec" in palette and "Deny exec" in palette, "and so does the command palette"
             await pilot.press("ctrl+y")
             await wait_for(pilot, lambda: app.chats_answered == 1, what="the first turn's done")
             await wait_for(pilot, lambda: block.result is not None, what="the EXEC's result")
@@ -263,6 +265,11 @@ def test_pause_view_clear_and_thoughts_toggle(shared_daemon: DaemonProc) -> None
             assert not app.history and not app.query(UserMessage) and not app.query(TurnView)
 
             # Every action is in the command palette; F1 shows the keys.
+            palette = [c.title for c in app.get_system_commands(app.screen)]
+            for title in ("Search memory", "Add memory", "Send a condition", "Pause the breath view", "Clear",
+                          "Cancel turn", "Toggle thoughts"):
+                assert title in palette, title
+            assert "Approve exec" not in palette, "approval only while an EXEC waits"
             await pilot.press("ctrl+p")
             await pilot.press(*"search memory")
             await pilot.pause(0.3)
