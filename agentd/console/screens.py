@@ -1,6 +1,6 @@
 """Modal screens for the console's actions: search memory, add a memory, send a condition.
 
-Each talks to the daemon through ``ConsoleApp.request`` (the app's one socket connection) and shows
+Each talks to the daemon through ``ConsoleApp.link.request`` (the app's one socket connection) and shows
 its answer or the daemon's error in place; Escape closes it.
 """
 
