@@ -29,7 +29,7 @@ def daemon_parser(doc: str) -> argparse.ArgumentParser:
     """A bench's argument parser (its docstring as help) with the options of the daemon it starts."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=doc.split("\n\n", 1)[1])
-    p.add_argument("--backbone", default="hyena", help="[backbone] name (default: hyena, its shipped weights if any)")
+    p.add_argument("--backbone", default="nexus", help="[backbone] name (default: nexus, the shipped trained default)")
     p.add_argument("--max-tokens", type=int, default=48, help="[backbone] max_tokens: tokens per generation stretch")
     p.add_argument("--threads", type=int, default=1, help="the daemon's torch threads (default: 1)")
     return p

@@ -20,6 +20,7 @@ a user who types ``<exec>`` can never forge a control.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 __all__ = ["END_THINK", "END_SPEAK", "TAGS", "TAG_NAME", "Piece", "TagStreamParser", "escape", "parse"]
@@ -222,8 +223,14 @@ class TagStreamParser:
 
 def parse(text: str) -> list[Piece]:
     """All pieces of a complete text (adjacent text pieces merged)."""
+    return parse_chunks([text])
+
+
+def parse_chunks(chunks: Iterable[str]) -> list[Piece]:
+    """All pieces of a text that arrived in ``chunks`` (as from a stream), adjacent text pieces
+    merged: the same list however the text was split."""
     p = TagStreamParser()
-    pieces = p.push(text) + p.flush()
+    pieces = [x for c in chunks for x in p.push(c)] + p.flush()
     out: list[Piece] = []
     for piece in pieces:
         if piece.control is None and out and out[-1].control is None:

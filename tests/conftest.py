@@ -128,6 +128,14 @@ class DaemonProc:
 
         return asyncio.run(go())
 
+    def chat(self, text: str) -> list[dict[str, Any]]:
+        """Every event of one chat request, its terminal event last."""
+        async def go() -> list[dict[str, Any]]:
+            async with Client(self.socket_path) as c:
+                return [ev async for ev in c.stream("chat", text=text)]
+
+        return asyncio.run(go())
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         assert self.proc is not None
         if self.proc.poll() is None:

@@ -7,7 +7,6 @@ the socket by EXEC and then SPEAK the right number.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 from pathlib import Path
@@ -15,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from agentd.client import Client
 from agentd.daemon import BUNDLED_CHECKPOINTS
 from tests.conftest import AGENTD, BASE_CONFIG, DaemonProc
 
@@ -26,14 +24,6 @@ def _config(**sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
     cfg = {k: dict(v) for k, v in BASE_CONFIG.items()}
     cfg.update(sections)  # whole sections replaced, so no test backbone options linger
     return cfg
-
-
-def _chat(d: DaemonProc, text: str) -> list[dict[str, Any]]:
-    async def go() -> list[dict[str, Any]]:
-        async with Client(d.socket_path) as c:
-            return [ev async for ev in c.stream("chat", text=text)]
-
-    return asyncio.run(go())
 
 
 def _speak(events: list[dict[str, Any]]) -> str:
@@ -66,7 +56,7 @@ def test_tiny_training_lowers_the_loss_and_the_checkpoint_runs_in_the_daemon(tmp
     try:
         st = d.request("status")
         assert st["backbone"] == "nexus" and st["weights"] == str(out), st
-        events = _chat(d, "hello")
+        events = d.chat("hello")
         assert events[-1]["event"] == "done" and events[-1]["result"]["turn"] >= 1
     finally:
         assert d.stop() == 0
@@ -106,7 +96,7 @@ def test_shipped_default_answers_arithmetic_by_exec_over_the_socket(tmp_path: Pa
     try:
         st = d.request("status")
         assert st["backbone"] == "nexus" and st["weights"] == str(SHIPPED), st
-        events = _chat(d, "what is 347 + 1286?")
+        events = d.chat("what is 347 + 1286?")
         kinds = [ev["event"] for ev in events]
         assert "exec" in kinds and "exec_result" in kinds, events
         assert kinds.index("exec") < kinds.index("exec_result") < max(i for i, k in enumerate(kinds) if k == "speak")

@@ -4,7 +4,6 @@ the public pytest helper, and serving chat in a real daemon."""
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import shutil
 import subprocess
@@ -17,7 +16,6 @@ import pytest
 import torch
 
 import models
-from agentd.client import Client
 from models import testing
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "plugin-example"
@@ -73,11 +71,7 @@ def test_the_plugin_serves_chat_in_the_daemon(site: Path, daemon_factory: Any) -
     d.config["backbone"]["options"] = dict(OPTIONS)  # replace the base config's hyena options, not merge
     d.start()
 
-    async def chat() -> list[dict[str, Any]]:
-        async with Client(d.socket_path) as c:
-            return [ev async for ev in c.stream("chat", text="hello, plugin")]
-
-    events = asyncio.run(chat())
+    events = d.chat("hello, plugin")
     assert events[-1]["event"] == "done", events
     assert d.request("status")["backbone"] == "tinygru"
     assert d.stop() == 0

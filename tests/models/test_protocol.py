@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 import models
 from models.generate import Decoder, Delta, SamplingConfig, SegmentEnd, Stop, collect, prefill
+from models.texttags import parse_chunks
 from models.tokenizer import BYTE_VOCAB, DEFAULT, ID, VOCAB_SIZE, Piece, TagStreamParser
 
 TINY = dict(d_model=32, n_layers=2, filter_len=16, window=8, n_heads=2, attn_every=2, mem_every=1, mem_slots=4)
@@ -59,19 +60,6 @@ def test_tokenizer_controls() -> None:
 
 
 # -- tag stream parser ------------------------------------------------------------------------------
-def _parse(chunks: list[str]) -> list[Piece]:
-    """Parse streamed chunks, merging adjacent text pieces."""
-    p = TagStreamParser()
-    raw = [x for c in chunks for x in p.push(c)] + p.flush()
-    out: list[Piece] = []
-    for piece in raw:
-        if piece.control is None and out and out[-1].control is None:
-            out[-1] = Piece(text=out[-1].text + piece.text)
-        else:
-            out.append(piece)
-    return out
-
-
 @pytest.mark.parametrize(
     "chunks, expected",
     [
@@ -90,7 +78,7 @@ def _parse(chunks: list[str]) -> list[Piece]:
     ],
 )
 def test_tag_stream_parser(chunks: list[str], expected: list[Piece]) -> None:
-    assert _parse(chunks) == expected
+    assert parse_chunks(chunks) == expected
 
 
 def test_tag_stream_parser_holds_back_a_partial_tag() -> None:

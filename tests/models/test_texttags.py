@@ -8,20 +8,7 @@ import random
 import pytest
 
 from models import texttags, tokenizer
-from models.texttags import END_SPEAK, END_THINK, Piece, TagStreamParser, escape, parse
-
-
-def _stream(chunks: list[str]) -> list[Piece]:
-    p = TagStreamParser()
-    raw = [x for c in chunks for x in p.push(c)] + p.flush()
-    out: list[Piece] = []
-    for piece in raw:
-        if piece.control is None and out and out[-1].control is None:
-            out[-1] = Piece(text=out[-1].text + piece.text)
-        else:
-            out.append(piece)
-    return out
-
+from models.texttags import END_SPEAK, END_THINK, Piece, TagStreamParser, escape, parse, parse_chunks
 
 S, W, E, X = Piece(control="SPEAK"), Piece(control="WAIT"), Piece(control="EXEC"), Piece(control="END_EXEC")
 T = Piece(control="THINK")
@@ -65,24 +52,24 @@ def test_chunking_never_changes_the_result(text: str, expected: list[Piece]) -> 
     # Every single split point, character by character, and random chunkings: tags and fences
     # split across chunks parse exactly as the whole text does.
     for i in range(len(text) + 1):
-        assert _stream([text[:i], text[i:]]) == expected, f"split at {i}"
-    assert _stream(list(text)) == expected
+        assert parse_chunks([text[:i], text[i:]]) == expected, f"split at {i}"
+    assert parse_chunks(list(text)) == expected
     rng = random.Random(0)
     for _ in range(20):
         cuts = sorted(rng.sample(range(len(text) + 1), k=min(4, len(text) + 1)))
         chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
-        assert _stream(chunks) == expected, chunks
+        assert parse_chunks(chunks) == expected, chunks
 
 
 def test_old_backtick_bugs_are_fixed() -> None:
     # The parser in models.tokenizer before texttags decided backticks per push(): a fence in its
     # own chunk leaked into the output, a fenced EXEC body kept its fences (a SyntaxError in the
     # sandbox), and "```\n" after a tag was eaten with its newline.
-    assert _stream(["```", "<exec>print(1)</exec>"]) == [E, txt("print(1)"), X]
-    assert _stream(["<exec>```python\nprint(1)\n```</exec>"]) == [E, txt("print(1)\n"), X]
-    assert _stream(["<speak>```\n", "code```"]) == [S, txt("```\ncode```")]
+    assert parse_chunks(["```", "<exec>print(1)</exec>"]) == [E, txt("print(1)"), X]
+    assert parse_chunks(["<exec>```python\nprint(1)\n```</exec>"]) == [E, txt("print(1)\n"), X]
+    assert parse_chunks(["<speak>```\n", "code```"]) == [S, txt("```\ncode```")]
     # ... and whether a run hugging a tag was dropped depended on where the chunks were cut.
-    assert _stream(["<speak>use `", "``<wait/>"]) == _stream(["<speak>use ```<wait/>"]) == [S, txt("use "), W]
+    assert parse_chunks(["<speak>use `", "``<wait/>"]) == parse_chunks(["<speak>use ```<wait/>"]) == [S, txt("use "), W]
 
 
 def test_text_is_emitted_as_soon_as_it_cannot_be_a_tag() -> None:
@@ -96,7 +83,7 @@ def test_text_is_emitted_as_soon_as_it_cannot_be_a_tag() -> None:
     assert p.flush() == []
 
 
-def test_flush_resets_for_a_new_stream() -> None:
+def test_flush_resets_for_a_newparse_chunks() -> None:
     p = TagStreamParser()
     assert p.push("<exec>") == [E]
     assert p.flush() == []

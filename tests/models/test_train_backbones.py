@@ -4,7 +4,6 @@ the loss, the checkpoint loads back with the same logits, and a real daemon serv
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,6 @@ import pytest
 import torch
 
 import models
-from agentd.client import Client
 from models.data import AgentCurriculum
 from models.train import TrainConfig, Trainer
 
@@ -40,11 +38,7 @@ def test_a_few_dozen_steps_lower_the_loss_and_the_daemon_runs_it(name: str, tmp_
     d.config["backbone"] = {"name": name, "checkpoint": str(tmp_path / "ckpt"), "max_tokens": 16}  # no hyena options
     d.start()
 
-    async def chat() -> list[dict[str, Any]]:
-        async with Client(d.socket_path) as c:
-            return [ev async for ev in c.stream("chat", text="hello")]
-
-    events = asyncio.run(chat())
+    events = d.chat("hello")
     assert events[-1]["event"] == "done", events
     st = d.request("status")
     assert st["backbone"] == name and st["weights"] == str(tmp_path / "ckpt"), st
