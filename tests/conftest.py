@@ -199,6 +199,7 @@ class Broker:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     users: dict[str, str] = field(default_factory=dict)  # user -> password; none = anonymous allowed
+    tls: tuple[Path, Path] | None = None  # (certfile, keyfile): the listener speaks TLS only
 
     def start(self, timeout: float = 10.0) -> Broker:
         conf = self.root / "mosquitto.conf"
@@ -212,7 +213,8 @@ class Broker:
         # Run as whoever runs the tests: as root, mosquitto would switch to its own user and could
         # not read a password file under pytest's private temp directory.
         user = pwd.getpwuid(os.getuid()).pw_name
-        conf.write_text(f"listener {self.port} 127.0.0.1\n{auth}persistence false\nuser {user}\n")
+        tls = f"certfile {self.tls[0]}\nkeyfile {self.tls[1]}\n" if self.tls else ""
+        conf.write_text(f"listener {self.port} 127.0.0.1\n{tls}{auth}persistence false\nuser {user}\n")
         with open(self.root / "mosquitto.log", "ab") as logf:
             try:
                 self.proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=logf, stderr=subprocess.STDOUT)

@@ -236,3 +236,32 @@ def test_a_missing_password_file_stops_start_up_naming_the_key(daemon_factory: A
     r = d.cli("config", "check")
     assert r.returncode == 2 and "mqtt.password_file" in r.stderr and "nope" in r.stderr
 
+
+
+def self_signed(root: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 that is its own CA, and its key (openssl, as a user would make one)."""
+    cert, key = root / "broker.crt", root / "broker.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def test_tls_with_the_brokers_ca_and_a_clear_error_without_it(daemon_factory: Any, mosquitto: Broker, tmp_path: Path) -> None:
+    mosquitto.kill()
+    cert, key = self_signed(tmp_path)
+    mosquitto.tls = (cert, key)
+    mosquitto.start()
+    tls = {"enabled": True, "host": "127.0.0.1", "port": mosquitto.port, "topic_prefix": PREFIX, "tls": True,
+           "reconnect_min_s": 0.1, "reconnect_max_s": 0.2}
+    d = mqtt_daemon(daemon_factory, mosquitto, mqtt={**tls, "ca_file": str(cert)})
+    wait_for(lambda: link(d) == "up", what="link up over TLS")
+    subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(mosquitto.port), "--cafile", str(cert), "-q", "1",
+                    "-t", f"{PREFIX}/conditions/voltage", "-m", "12.5"], check=True, timeout=10)
+    wait_for(lambda: d.request("status")["soma"]["values"].get("voltage") == 12.5, what="a reading over TLS")
+    # Without the broker's CA (the system's bundle) the certificate is refused, said in status, and
+    # the daemon runs on.
+    e = mqtt_daemon(daemon_factory, mosquitto, mqtt=tls)
+    st = wait_for(lambda: (s := e.request("status"))["mqtt"]["last_error"] and s, what="a refused certificate")
+    assert st["mqtt"]["connects"] == 0 and "certificate" in st["mqtt"]["last_error"].lower(), st["mqtt"]
+    assert st["state"] == "running" and link(e) != "up"
