@@ -154,14 +154,20 @@ class DaemonProc:
 
 @pytest.fixture
 def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProc]]:
-    """``daemon_factory(extra_config, env=..., start=True)`` -> a started DaemonProc."""
+    """``daemon_factory(extra_config, env=..., start=True, backbone=...)`` -> a started DaemonProc.
+
+    ``extra_config`` is merged into BASE_CONFIG; ``backbone``, when given, replaces its [backbone]
+    section whole, so none of the base's hyena options reach another architecture."""
     made: list[DaemonProc] = []
 
     def make(extra: dict[str, Any] | None = None, env: dict[str, str] | None = None, start: bool = True,
-             name: str = "d") -> DaemonProc:
+             name: str = "d", backbone: dict[str, Any] | None = None) -> DaemonProc:
         root = tmp_path / f"{name}{len(made)}"
         root.mkdir()
-        d = DaemonProc(root, merge(BASE_CONFIG, extra or {}), env or {})
+        config = merge(BASE_CONFIG, extra or {})
+        if backbone is not None:
+            config["backbone"] = dict(backbone)
+        d = DaemonProc(root, config, env or {})
         made.append(d)
         return d.start() if start else d
 

@@ -19,14 +19,9 @@ PLUGINS = str(Path(__file__).resolve().parents[1] / "plugins")
 
 def scripted(daemon_factory: Any, sandbox: dict[str, Any] | None = None, agent: dict[str, Any] | None = None,
              **options: Any) -> Any:
-    extra = {
-        "backbone": {"name": "scripted", "max_tokens": 256, "options": options},
-        "sandbox": {"enabled": True, "wall_s": 5.0, "cpu_s": 2.0, **(sandbox or {})},
-        "agent": agent or {},
-    }
-    d = daemon_factory(extra, env={"PYTHONPATH": PLUGINS}, start=False)
-    d.config["backbone"]["options"] = options  # replace the base config's hyena options, not merge
-    return d.start()
+    extra = {"sandbox": {"enabled": True, "wall_s": 5.0, "cpu_s": 2.0, **(sandbox or {})}, "agent": agent or {}}
+    return daemon_factory(extra, env={"PYTHONPATH": PLUGINS},
+                          backbone={"name": "scripted", "max_tokens": 256, "options": options})
 
 
 async def chat_events(sock: Path, text: str) -> list[dict[str, Any]]:

@@ -26,10 +26,11 @@ def mqtt_daemon(daemon_factory: Any, mosquitto: Broker, scripted: bool = False, 
     cfg: dict[str, Any] = {"mqtt": {"enabled": True, "host": "127.0.0.1", "port": mosquitto.port, "topic_prefix": PREFIX,
                                     "reconnect_min_s": 0.1, "reconnect_max_s": 0.5, "max_payload_bytes": 1024},
                            "soma": {"ranges": {"voltage": [11.0, 13.0], "latency": [0.0, 200.0]}}, **extra}
-    d = daemon_factory(cfg, env={"PYTHONPATH": PLUGINS} if scripted else {}, start=False)
-    if scripted:  # the test double SPEAKs "forty-two" each turn (tests/plugins/agentd_scripted.py)
-        d.config["backbone"] = {"name": "scripted", "max_tokens": 64, "options": {"execs": 0, "reply": "forty-two"}}
-    return d.start()
+    if not scripted:
+        return daemon_factory(cfg)
+    # The test double SPEAKs "forty-two" each turn (tests/plugins/agentd_scripted.py).
+    return daemon_factory(cfg, env={"PYTHONPATH": PLUGINS},
+                          backbone={"name": "scripted", "max_tokens": 64, "options": {"execs": 0, "reply": "forty-two"}})
 
 
 def pub(mosquitto: Broker, topic: str, payload: bytes) -> None:

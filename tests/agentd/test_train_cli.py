@@ -15,15 +15,9 @@ from typing import Any
 import pytest
 
 from agentd.daemon import BUNDLED_CHECKPOINTS
-from tests.conftest import AGENTD, BASE_CONFIG, DaemonProc
+from tests.conftest import AGENTD
 
 SHIPPED = BUNDLED_CHECKPOINTS / "nexus"
-
-
-def _config(**sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    cfg = {k: dict(v) for k, v in BASE_CONFIG.items()}
-    cfg.update(sections)  # whole sections replaced, so no test backbone options linger
-    return cfg
 
 
 def _speak(events: list[dict[str, Any]]) -> str:
@@ -31,7 +25,7 @@ def _speak(events: list[dict[str, Any]]) -> str:
 
 
 @pytest.mark.slow
-def test_tiny_training_lowers_the_loss_and_the_checkpoint_runs_in_the_daemon(tmp_path: Path) -> None:
+def test_tiny_training_lowers_the_loss_and_the_checkpoint_runs_in_the_daemon(tmp_path: Path, daemon_factory: Any) -> None:
     out = tmp_path / "ckpt"
     r = subprocess.run([AGENTD, "train", "--backbone", "nexus", "--preset", "tiny", "--steps", "40", "--batch-size", "8",
                         "--seq-len", "128", "--warmup", "5", "--threads", "1", "--checkpoint-every", "20",
@@ -50,16 +44,12 @@ def test_tiny_training_lowers_the_loss_and_the_checkpoint_runs_in_the_daemon(tmp
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "already trained" in again.stderr
 
-    d = DaemonProc(tmp_path / "d", _config(backbone={"name": "nexus", "checkpoint": str(out), "max_tokens": 32}))
-    d.root.mkdir()
-    d.start()
-    try:
-        st = d.request("status")
-        assert st["backbone"] == "nexus" and st["weights"] == str(out), st
-        events = d.chat("hello")
-        assert events[-1]["event"] == "done" and events[-1]["result"]["turn"] >= 1
-    finally:
-        assert d.stop() == 0
+    d = daemon_factory(backbone={"name": "nexus", "checkpoint": str(out), "max_tokens": 32})
+    st = d.request("status")
+    assert st["backbone"] == "nexus" and st["weights"] == str(out), st
+    events = d.chat("hello")
+    assert events[-1]["event"] == "done" and events[-1]["result"]["turn"] >= 1
+    assert d.stop() == 0
 
 
 def test_train_and_eval_refuse_bad_arguments_clearly(tmp_path: Path) -> None:
@@ -88,24 +78,20 @@ def test_the_default_checkpoint_ships_small_and_is_the_configured_default() -> N
 
 
 @pytest.mark.slow
-def test_shipped_default_answers_arithmetic_by_exec_over_the_socket(tmp_path: Path) -> None:
+def test_shipped_default_answers_arithmetic_by_exec_over_the_socket(daemon_factory: Any) -> None:
     # No [backbone] name or checkpoint: what a user gets out of the box (sandbox on, memory off for speed).
-    d = DaemonProc(tmp_path / "d", _config(backbone={}, sandbox={"enabled": True}))
-    d.root.mkdir()
-    d.start()
-    try:
-        st = d.request("status")
-        assert st["backbone"] == "nexus" and st["weights"] == str(SHIPPED), st
-        events = d.chat("what is 347 + 1286?")
-        kinds = [ev["event"] for ev in events]
-        assert "exec" in kinds and "exec_result" in kinds, events
-        assert kinds.index("exec") < kinds.index("exec_result") < max(i for i, k in enumerate(kinds) if k == "speak")
-        result = next(ev for ev in events if ev["event"] == "exec_result")
-        assert result["exit_code"] == 0 and result["stdout"].strip() == "1633", result
-        assert "1633" in _speak(events), events
-        assert events[-1]["event"] == "done" and events[-1]["result"]["reason"] == "wait"
-    finally:
-        assert d.stop() == 0
+    d = daemon_factory({"sandbox": {"enabled": True}}, backbone={})
+    st = d.request("status")
+    assert st["backbone"] == "nexus" and st["weights"] == str(SHIPPED), st
+    events = d.chat("what is 347 + 1286?")
+    kinds = [ev["event"] for ev in events]
+    assert "exec" in kinds and "exec_result" in kinds, events
+    assert kinds.index("exec") < kinds.index("exec_result") < max(i for i, k in enumerate(kinds) if k == "speak")
+    result = next(ev for ev in events if ev["event"] == "exec_result")
+    assert result["exit_code"] == 0 and result["stdout"].strip() == "1633", result
+    assert "1633" in _speak(events), events
+    assert events[-1]["event"] == "done" and events[-1]["result"]["reason"] == "wait"
+    assert d.stop() == 0
 
 
 @pytest.mark.slow

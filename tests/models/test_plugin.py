@@ -67,9 +67,7 @@ def test_the_helper_refuses_unknown_names_and_can_skip() -> None:
 
 @pytest.mark.slow
 def test_the_plugin_serves_chat_in_the_daemon(site: Path, daemon_factory: Any) -> None:
-    d = daemon_factory({"backbone": {"name": "tinygru", "max_tokens": 16}}, env={"PYTHONPATH": str(site)}, start=False)
-    d.config["backbone"]["options"] = dict(OPTIONS)  # replace the base config's hyena options, not merge
-    d.start()
+    d = daemon_factory(env={"PYTHONPATH": str(site)}, backbone={"name": "tinygru", "max_tokens": 16, "options": dict(OPTIONS)})
 
     events = d.chat("hello, plugin")
     assert events[-1]["event"] == "done", events

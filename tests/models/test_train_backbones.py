@@ -34,9 +34,7 @@ def test_a_few_dozen_steps_lower_the_loss_and_the_daemon_runs_it(name: str, tmp_
         ref, _ = trained(tokens, trained.init_state(1))
     assert torch.equal(again, ref)
 
-    d = daemon_factory(start=False)
-    d.config["backbone"] = {"name": name, "checkpoint": str(tmp_path / "ckpt"), "max_tokens": 16}  # no hyena options
-    d.start()
+    d = daemon_factory(backbone={"name": name, "checkpoint": str(tmp_path / "ckpt"), "max_tokens": 16})
 
     events = d.chat("hello")
     assert events[-1]["event"] == "done", events
