@@ -91,11 +91,9 @@ def serve(tmp_path: Path) -> Iterator[Serve]:
 
 
 def remote_daemon(daemon_factory: Callable[..., DaemonProc], serve: Serve, **options: Any) -> DaemonProc:
-    d = daemon_factory({"backbone": {"max_tokens": 128, "temperature": 0.0}}, start=False)
-    d.config["backbone"] = {**d.config["backbone"], "name": "remote", "options": {
+    return daemon_factory(start=False, backbone={"name": "remote", "max_tokens": 128, "temperature": 0.0, "options": {
         "base_url": serve.url + "/v1", "model": str(serve.model), "api_key_env": "", "connect_timeout_s": 2.0,
-        "read_timeout_s": 60.0, "max_retries": 2, "backoff_s": 0.2, "backoff_max_s": 1.0, "window": 8192, **options}}
-    return d
+        "read_timeout_s": 60.0, "max_retries": 2, "backoff_s": 0.2, "backoff_max_s": 1.0, "window": 8192, **options}})
 
 
 async def chat(d: DaemonProc, text: str, on_event: Callable[[dict[str, Any]], None] | None = None

@@ -27,13 +27,12 @@ def scripted_daemon(daemon_factory: Callable[..., DaemonProc], reply: str, *, ex
     ``code``, then SPEAKs ``reply`` and WAITs, every turn. Both may hold newlines and control
     characters: they are written to the TOML as JSON strings (valid TOML basic strings, escapes and
     all), which the shared TOML writer does not do."""
-    extra: dict[str, Any] = {"backbone": {"name": "scripted", "max_tokens": max_tokens},
-                             "sandbox": {"enabled": False, **(sandbox or {})}}
+    extra: dict[str, Any] = {"sandbox": {"enabled": False, **(sandbox or {})}}
     if breath:
         extra["breath"] = breath
-    d = daemon_factory(extra, env={"PYTHONPATH": PLUGINS}, start=False)
     strings = {"reply": reply, "code": code}
-    d.config["backbone"]["options"] = {**{k: f"@@{k}@@" for k in strings}, "execs": execs}  # not hyena's options
+    d = daemon_factory(extra, env={"PYTHONPATH": PLUGINS}, start=False, backbone={
+        "name": "scripted", "max_tokens": max_tokens, "options": {**{k: f"@@{k}@@" for k in strings}, "execs": execs}})
 
     def write_config() -> None:
         cfg = {**d.config, "daemon": {**d.config["daemon"], "data_dir": str(d.root / "data"),

@@ -27,7 +27,7 @@ from agentd.console.widgets import (
     TurnView,
     UserMessage,
 )
-from tests.conftest import AGENTD, DaemonProc
+from tests.conftest import AGENTD, BASE_CONFIG, DaemonProc
 from tests.models.test_remote import FakeServer  # the OpenAI-API stand-in of the remote backbone's tests
 
 # Model output that tries markup, a click action, raw HTML, a link, terminal escapes (clear screen,
@@ -299,11 +299,9 @@ def test_no_daemon_is_a_one_line_error(tmp_path: Any) -> None:
 def test_remote_panel_shows_the_endpoint_and_its_health_and_only_for_a_remote_backbone(
         daemon_factory: Callable[..., DaemonProc]) -> None:
     server = FakeServer()  # answers GET /v1/models with 200: the daemon's health probe
-    d = daemon_factory(start=False)
-    d.config["backbone"] = {**d.config["backbone"], "name": "remote", "options": {
+    d = daemon_factory(backbone={**BASE_CONFIG["backbone"], "name": "remote", "options": {
         "base_url": server.url, "model": "tiny-chat", "api_key_env": "", "connect_timeout_s": 1.0,
-        "health_interval_s": 0.2}}
-    d.start()
+        "health_interval_s": 0.2}})
 
     async def go() -> None:
         app = ConsoleApp(d.socket_path, status_interval_s=0.3)
