@@ -17,12 +17,17 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 venv: $(STAMP)
 
-# The tests need a real mosquitto broker (Debian package) and util-linux's unshare.
+# The tests need a real mosquitto broker (Debian package), util-linux's unshare, and systemd's
+# systemd-analyze to verify the unit file.
 system-deps:
 	@command -v mosquitto >/dev/null 2>&1 && command -v mosquitto_pub >/dev/null 2>&1 || { \
 	  echo "installing mosquitto (Debian package)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; }
+	@command -v systemd-analyze >/dev/null 2>&1 || { \
+	  echo "installing systemd-analyze (Debian package systemd)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq systemd >/dev/null; }
 
 ## Set up and start the daemon on the default config, in the foreground (Ctrl-C stops it).
 run: venv
