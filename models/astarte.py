@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import Backbone, register
-from models.layers import RMSNorm, SinusoidalTable, SwiGLU, sinusoidal
+from models.layers import RMSNorm, SinusoidalTable, SwiGLU, rms, sinusoidal, swiglu
 from models.tokenizer import VOCAB_SIZE
 
 N_REGISTERS = 5
@@ -84,16 +84,6 @@ class AstarteConfig:
     def clocks_done(self, n_tokens: int) -> int:
         """Clock steps taken after ``n_tokens`` tokens, rests included."""
         return n_tokens + n_tokens // (self.rest_every - 1) if self.rest_every else n_tokens
-
-
-def _rms(norm: RMSNorm, x: Tensor) -> Tensor:
-    """layers.RMSNorm's arithmetic in one fused op (decoding pays per op)."""
-    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
-
-
-def _swiglu(mlp: SwiGLU, x: Tensor) -> Tensor:
-    """layers.SwiGLU's arithmetic without the module calls."""
-    return F.linear(F.silu(F.linear(x, mlp.gate.weight)) * F.linear(x, mlp.up.weight), mlp.down.weight)
 
 
 def median5(R: Tensor) -> Tensor:
@@ -150,7 +140,7 @@ class ABPE(nn.Module):
 
     def drive(self, u: Tensor) -> Tensor:
         """The input term dt ⊙ W_in(norm u) of an input step: u [..., D] -> [..., 5, S]."""
-        b = F.linear(_rms(self.norm, u), self.inp.weight).unflatten(-1, (N_REGISTERS, self.s))
+        b = F.linear(rms(self.norm, u), self.inp.weight).unflatten(-1, (N_REGISTERS, self.s))
         return b * self.dt()
 
     def scan(self, b: Tensor, R0: Tensor) -> Tensor:
@@ -193,14 +183,14 @@ class AAAH(nn.Module):
     def forward(self, x: Tensor, k: Tensor, v: Tensor, tau: Tensor) -> Tensor:
         """x [B, T, D], register keys/values k, v [B, T, 5, H, dh], clock features tau [T, D] -> x [B, T, D]."""
         B, T, D = x.shape
-        xn = _rms(self.norm, x + self.time_gain * tau)
+        xn = rms(self.norm, x + self.time_gain * tau)
         q = F.linear(xn, self.q.weight).view(B, T, 1, self.h, self.dh)
         # Five keys per token: an elementwise product and a sum beat a batched matmul of 5-wide matrices.
         sharp = F.softplus(F.linear(xn, self.scale.weight, self.scale.bias)) / math.sqrt(self.dh)  # (B, T, H)
         scores = (q * k).sum(-1) * sharp[:, :, None] + self.mask  # (B, T, 5, H)
         y = (scores.softmax(2)[..., None] * v).sum(2).reshape(B, T, D)
         x = x + F.linear(y, self.out.weight)
-        return x + _swiglu(self.mlp, _rms(self.norm2, x))
+        return x + swiglu(self.mlp, rms(self.norm2, x))
 
 
 @register
@@ -269,4 +259,4 @@ class Astarte(Backbone):
         for layer in self.layers:
             x = layer(x, k, v, tau)
         x = x + self.median_proj(median5(R))  # the median over the five registers
-        return F.linear(_rms(self.norm, x), self.embed.weight)
+        return F.linear(rms(self.norm, x), self.embed.weight)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import Backbone, register
-from models.layers import RMSNorm, SlidingWindowAttention, SwiGLU, sinusoidal
+from models.layers import RMSNorm, SlidingWindowAttention, SwiGLU, rms, sinusoidal, swiglu
 from models.tokenizer import VOCAB_SIZE
 
 # Chunks up to this length use the direct (windowed dot product) long conv; longer ones the FFT.
@@ -82,16 +82,6 @@ class HyenaConfig:
             raise ValueError(f"d_model {self.d_model} must split into {self.n_heads} heads of even size")
         if self.attn_every < 0 or self.mem_every < 0 or self.window < 1 or self.mem_slots < 1:
             raise ValueError("attn_every, mem_every must be >= 0; window, mem_slots >= 1")
-
-
-def _rms(norm: RMSNorm, x: Tensor) -> Tensor:
-    """layers.RMSNorm's arithmetic in one fused op (decoding pays per op)."""
-    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
-
-
-def _swiglu(mlp: SwiGLU, x: Tensor) -> Tensor:
-    """layers.SwiGLU's arithmetic without the module calls (decoding pays per call)."""
-    return F.linear(F.silu(F.linear(x, mlp.gate.weight)) * F.linear(x, mlp.up.weight), mlp.down.weight)
 
 
 def _fft_size(n: int) -> int:
@@ -235,7 +225,7 @@ class MemoryBlock(nn.Module):
 
     def step(self, x: Tensor, mem: Tensor) -> tuple[Tensor, Tensor]:
         """One token, x [B, D], mem [B, S, D] -> (x + read, mem)."""
-        a, q, v = self.proj(_rms(self.norm, x)).float().split([self.s, self.s, x.shape[-1]], dim=-1)  # (B, S), (B, S), (B, D)
+        a, q, v = self.proj(rms(self.norm, x)).float().split([self.s, self.s, x.shape[-1]], dim=-1)  # (B, S), (B, S), (B, D)
         lam = self.decay()
         mem = torch.addcmul(lam[:, None] * mem, ((1 - lam) * a.softmax(-1))[..., None], v[:, None, :])  # (B, S, D)
         return x + self.out(torch.bmm(q.softmax(-1)[:, None], mem)[:, 0].to(x.dtype)), mem
@@ -247,7 +237,7 @@ class MemoryBlock(nn.Module):
         """x [B, T, D], mem [B, S, D] -> (x + read, mem after the chunk)."""
         B, T, D = x.shape
         S = self.s
-        a, q, v = self.proj(_rms(self.norm, x)).float().split([S, S, D], dim=-1)
+        a, q, v = self.proj(rms(self.norm, x)).float().split([S, S, D], dim=-1)
         a, q = a.softmax(-1), q.softmax(-1)  # (B, T, S)
         lam = self.decay()
         reads = []
@@ -348,16 +338,16 @@ class Hyena(Backbone):
         new: dict[str, Tensor] = {}
         for name, blk in self.blocks.items():
             if isinstance(blk, HyenaBlock):
-                y, new[f"{name}.short"], new[f"{name}.long"] = blk.op(_rms(blk.norm1, x), tensors[f"{name}.short"], tensors[f"{name}.long"])
+                y, new[f"{name}.short"], new[f"{name}.long"] = blk.op(rms(blk.norm1, x), tensors[f"{name}.short"], tensors[f"{name}.long"])
                 x = x + y
-                x = x + blk.mlp(_rms(blk.norm2, x))
+                x = x + blk.mlp(rms(blk.norm2, x))
             elif isinstance(blk, MemoryBlock):
                 x, new[f"{name}.mem"] = blk(x, tensors[f"{name}.mem"])
             else:
-                y, new[f"{name}.k"], new[f"{name}.v"] = blk.attn(_rms(blk.norm1, x), tensors[f"{name}.k"], tensors[f"{name}.v"], pos)
+                y, new[f"{name}.k"], new[f"{name}.v"] = blk.attn(rms(blk.norm1, x), tensors[f"{name}.k"], tensors[f"{name}.v"], pos)
                 x = x + y
-                x = x + blk.mlp(_rms(blk.norm2, x))
-        return F.linear(_rms(self.norm, x), self.embed.weight), new  # tied head: (B, T, V)
+                x = x + blk.mlp(rms(blk.norm2, x))
+        return F.linear(rms(self.norm, x), self.embed.weight), new  # tied head: (B, T, V)
 
     def _step(self, token: Tensor, tensors: dict[str, Tensor], pos: int) -> tuple[Tensor, dict[str, Tensor]]:
         """The same arithmetic as ``_forward`` on one token, through each block's direct path."""
@@ -365,13 +355,13 @@ class Hyena(Backbone):
         new: dict[str, Tensor] = {}
         for name, blk in self.blocks.items():
             if isinstance(blk, HyenaBlock):
-                y, new[f"{name}.short"], new[f"{name}.long"] = blk.op.step(_rms(blk.norm1, x), tensors[f"{name}.short"], tensors[f"{name}.long"])
+                y, new[f"{name}.short"], new[f"{name}.long"] = blk.op.step(rms(blk.norm1, x), tensors[f"{name}.short"], tensors[f"{name}.long"])
                 x = x + y
-                x = x + _swiglu(blk.mlp, _rms(blk.norm2, x))
+                x = x + swiglu(blk.mlp, rms(blk.norm2, x))
             elif isinstance(blk, MemoryBlock):
                 x, new[f"{name}.mem"] = blk.step(x, tensors[f"{name}.mem"])
             else:
-                y, new[f"{name}.k"], new[f"{name}.v"] = blk.attn.step(_rms(blk.norm1, x), tensors[f"{name}.k"], tensors[f"{name}.v"], pos)
+                y, new[f"{name}.k"], new[f"{name}.v"] = blk.attn.step(rms(blk.norm1, x), tensors[f"{name}.k"], tensors[f"{name}.v"], pos)
                 x = x + y
-                x = x + _swiglu(blk.mlp, _rms(blk.norm2, x))
-        return F.linear(_rms(self.norm, x), self.embed.weight), new  # (B, V)
+                x = x + swiglu(blk.mlp, rms(blk.norm2, x))
+        return F.linear(rms(self.norm, x), self.embed.weight), new  # (B, V)

@@ -41,6 +41,16 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
+def rms(norm: RMSNorm, x: Tensor) -> Tensor:
+    """``norm(x)``'s arithmetic in one fused op, for the hot paths (decoding pays per op)."""
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
+
+
+def swiglu(mlp: SwiGLU, x: Tensor) -> Tensor:
+    """``mlp(x)``'s arithmetic without the module calls, for the hot paths (decoding pays per call)."""
+    return F.linear(F.silu(F.linear(x, mlp.gate.weight)) * F.linear(x, mlp.up.weight), mlp.down.weight)
+
+
 def sinusoidal(positions: Tensor, dim: int, base: float = 10000.0) -> Tensor:
     """Sinusoidal embeddings [T, dim] for absolute positions [T], computed in float64 so that far
     positions (months of streaming) keep their precision before the cast to fp32."""

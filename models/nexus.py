@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import Backbone, register
-from models.layers import RMSNorm, SlidingWindowAttention, SwiGLU
-from models.rsm import LexicalLane, RecurrentSparseMemory, SemanticLane, _rms, check_lexical, check_semantic
+from models.layers import RMSNorm, SlidingWindowAttention, SwiGLU, rms, swiglu
+from models.rsm import LexicalLane, RecurrentSparseMemory, SemanticLane, check_lexical, check_semantic
 from models.tokenizer import VOCAB_SIZE
 
 
@@ -100,11 +100,6 @@ class Block(nn.Module):
         self.norm1, self.norm2 = RMSNorm(cfg.d_model), RMSNorm(cfg.d_model)
         self.attn = SlidingWindowAttention(cfg.d_model, cfg.n_heads, cfg.window, rope=True, rope_base=cfg.rope_base)
         self.mlp = SwiGLU(cfg.d_model)
-
-
-def _swiglu(mlp: SwiGLU, x: Tensor) -> Tensor:
-    """layers.SwiGLU's arithmetic without the module calls (decoding pays per call)."""
-    return F.linear(F.silu(F.linear(x, mlp.gate.weight)) * F.linear(x, mlp.up.weight), mlp.down.weight)
 
 
 def _sub(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -171,7 +166,7 @@ class Nexus(Backbone):
 
     def _head(self, x: Tensor, lex: Tensor) -> Tensor:
         """Tied logits plus the lexical lane's vote for the token it recalls."""
-        logits = F.linear(_rms(self.norm, x), self.embed.weight)
+        logits = F.linear(rms(self.norm, x), self.embed.weight)
         if self.copy_gain is None:
             return logits
         vote = (self.copy_gain * (lex >= 0)).to(logits.dtype)[..., None]
@@ -183,9 +178,9 @@ class Nexus(Backbone):
         x = self.embed(tokens)  # (B, T, D)
         for name, blk in self.blocks.items():
             if isinstance(blk, Block):
-                y, new[f"{name}.k"], new[f"{name}.v"] = blk.attn(_rms(blk.norm1, x), tensors[f"{name}.k"], tensors[f"{name}.v"], pos)
+                y, new[f"{name}.k"], new[f"{name}.v"] = blk.attn(rms(blk.norm1, x), tensors[f"{name}.k"], tensors[f"{name}.v"], pos)
                 x = x + y
-                x = x + blk.mlp(_rms(blk.norm2, x))
+                x = x + blk.mlp(rms(blk.norm2, x))
             else:
                 x, st = blk(x, lex, _sub(tensors, name), pos)
                 new.update(_prefixed(name, st))
@@ -198,9 +193,9 @@ class Nexus(Backbone):
         x = self.embed(token)  # (B, D)
         for name, blk in self.blocks.items():
             if isinstance(blk, Block):
-                y, new[f"{name}.k"], new[f"{name}.v"] = blk.attn.step(_rms(blk.norm1, x), tensors[f"{name}.k"], tensors[f"{name}.v"], pos)
+                y, new[f"{name}.k"], new[f"{name}.v"] = blk.attn.step(rms(blk.norm1, x), tensors[f"{name}.k"], tensors[f"{name}.v"], pos)
                 x = x + y
-                x = x + _swiglu(blk.mlp, _rms(blk.norm2, x))
+                x = x + swiglu(blk.mlp, rms(blk.norm2, x))
             else:
                 x, st = blk(x[:, None], lex, _sub(tensors, name), pos)
                 x = x[:, 0]

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.layers import RMSNorm
+from models.layers import RMSNorm, rms
 
 # Two primes below 2^31: products of a window token (< 2^20) and a multiplier stay
 # below 2^51, so a window sum never overflows int64, and fingerprint = h1 * P2 + h2 < 2^62.
@@ -118,11 +118,6 @@ def _no_writes(batch_size: int, block: int, device: torch.device | None) -> Tens
 def _put(buf: Tensor, fill: int, new: Tensor) -> Tensor:
     """``buf`` with positions fill .. fill+len(new) along dim 1 replaced (a new tensor)."""
     return torch.cat([buf[:, :fill], new, buf[:, fill + new.shape[1] :]], dim=1)
-
-
-def _rms(norm: RMSNorm, x: Tensor) -> Tensor:
-    """layers.RMSNorm's arithmetic in one fused op (decoding pays per op)."""
-    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
 
 
 class LexicalLane(nn.Module):
@@ -403,6 +398,6 @@ class RecurrentSparseMemory(nn.Module):
 
     def forward(self, x: Tensor, lex: Tensor, state: dict[str, Tensor], pos: int) -> tuple[Tensor, dict[str, Tensor]]:
         """x [B, T, D], lexical reads lex [B, T] (-1: none) -> (fused x, state)."""
-        r, state = self.sem(_rms(self.norm, x), state, pos)
+        r, state = self.sem(rms(self.norm, x), state, pos)
         fused = F.linear(torch.cat([r, F.embedding(lex + 1, self.lex_embed.weight, padding_idx=0)], dim=-1), self.out.weight)
-        return x + self.beta * _rms(self.out_norm, fused), state
+        return x + self.beta * rms(self.out_norm, fused), state

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import Backbone, State, register
-from models.layers import RMSNorm, SinusoidalTable, SwiGLU, sinusoidal
+from models.layers import RMSNorm, SinusoidalTable, SwiGLU, rms, sinusoidal, swiglu
 from models.tokenizer import ID, VOCAB_SIZE
 
 PHASES = ("inhale", "hold", "exhale", "pause")
@@ -96,14 +96,6 @@ class SpiralConfig:
     @property
     def tower_after(self) -> int:
         return max(0, self.n_layers // 2 - 1)
-
-
-def _rms(norm: RMSNorm, x: Tensor) -> Tensor:
-    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
-
-
-def _swiglu(mlp: SwiGLU, x: Tensor) -> Tensor:
-    return F.linear(F.silu(F.linear(x, mlp.gate.weight)) * F.linear(x, mlp.up.weight), mlp.down.weight)
 
 
 def latch(values: Tensor, is_set: Tensor, carried: Tensor) -> Tensor:
@@ -201,7 +193,7 @@ class Tower(nn.Module):
     def step(self, x: Tensor, token: Tensor, phase: Tensor, t: dict[str, Tensor], pos: int) -> tuple[Tensor, dict[str, Tensor]]:
         """One token x [B, D]: ``forward``'s arithmetic with the painting (if this token ends one) done directly."""
         P, S = self.P, self.S
-        h = _rms(self.norm, x)
+        h = rms(self.norm, x)
         charge = torch.where((token == ID["END_SENSE"])[:, None], torch.sigmoid(self.soma(h)), t["soma.charge"])
         acc, content, made = t["tower.acc"] + h, t["tower.content"], t["tower.charge"]
         if (pos + 1) % S == 0:  # this token ends painting pos // S
@@ -218,7 +210,7 @@ class Tower(nn.Module):
         """x [B, T, D] (the hidden state at the tower), phase [B, T] -> (x + recall, new soma/tower tensors)."""
         B, T, D = x.shape
         P, S, dev = self.P, self.S, x.device
-        h = _rms(self.norm, x)
+        h = rms(self.norm, x)
         charge = latch(torch.sigmoid(self.soma(h)), tokens == ID["END_SENSE"], t["soma.charge"])  # (B, T, 2)
 
         # Paintings finished in this chunk: painting n ends at token (n+1)·S - 1.
@@ -308,14 +300,14 @@ class Spiral(Backbone):
         x = self.embed(tokens) + self.pos_scale * sinusoidal(torch.arange(pos, pos + T), c.d_model).to(tokens.device)
         new: dict[str, Tensor] = {"breath.phase": phase[:, -1], "spiral.silent": silent[:, -c.max_hop :].float()}
         for i, blk in enumerate(self.blocks):
-            y, new[f"s{i}.kv"] = blk.attn(_rms(blk.norm1, x), tensors[f"s{i}.kv"], silent, pos)
+            y, new[f"s{i}.kv"] = blk.attn(rms(blk.norm1, x), tensors[f"s{i}.kv"], silent, pos)
             w = blk.breath[:, phase]  # (2, B, T)
             x = x + w[0, ..., None] * y
-            x = x + w[1, ..., None] * _swiglu(blk.mlp, _rms(blk.norm2, x))
+            x = x + w[1, ..., None] * swiglu(blk.mlp, rms(blk.norm2, x))
             if i == c.tower_after:
                 x, tower_state = self.tower(x, tokens, phase, tensors, pos)
                 new.update(tower_state)
-        return F.linear(_rms(self.norm, x), self.embed.weight), new
+        return F.linear(rms(self.norm, x), self.embed.weight), new
 
     def _step(self, token: Tensor, tensors: dict[str, Tensor], pos: int) -> tuple[Tensor, dict[str, Tensor]]:
         """One token through each part's direct path: the same arithmetic as ``_chunk``, fewer ops."""
@@ -326,14 +318,14 @@ class Spiral(Backbone):
         x = self.embed(token) + self.pos_scale * self._position(pos, token.device)  # (B, D)
         new: dict[str, Tensor] = {"breath.phase": phase, "spiral.silent": silent[:, 1:].float()}
         for i, blk in enumerate(self.blocks):
-            y, new[f"s{i}.kv"] = blk.attn.step(_rms(blk.norm1, x), tensors[f"s{i}.kv"], silent, pos)
+            y, new[f"s{i}.kv"] = blk.attn.step(rms(blk.norm1, x), tensors[f"s{i}.kv"], silent, pos)
             w = blk.breath[:, phase]  # (2, B)
             x = x + w[0, :, None] * y
-            x = x + w[1, :, None] * _swiglu(blk.mlp, _rms(blk.norm2, x))
+            x = x + w[1, :, None] * swiglu(blk.mlp, rms(blk.norm2, x))
             if i == c.tower_after:
                 x, tower_state = self.tower.step(x, token, phase, tensors, pos)
                 new.update(tower_state)
-        return F.linear(_rms(self.norm, x), self.embed.weight), new
+        return F.linear(rms(self.norm, x), self.embed.weight), new
 
 
 def set_breath(state: State, phase: str | None = None, charge: Sequence[float] | None = None) -> State:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import models
 from models import spiral, testing
+from models.layers import rms
 from models.spiral import PHASES, SpiralAttention, SpiralConfig, set_breath
 from models.tokenizer import ID
 
@@ -116,7 +117,7 @@ def test_pause_rests_every_block_at_init() -> None:
         logits, state = bb.forward(tokens, bb.init_state())
         pos = torch.arange(tokens.shape[1])
         x = bb.embed(tokens) + bb.pos_scale * spiral.sinusoidal(pos, 32)
-        bare = F.linear(spiral._rms(bb.norm, x), bb.embed.weight)
+        bare = F.linear(rms(bb.norm, x), bb.embed.weight)
     torch.testing.assert_close(logits[:, 6:], bare[:, 6:], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(logits[:, :6], bare[:, :6], atol=1e-3)  # before the pause the blocks work
     assert PHASES[int(state["breath.phase"])] == "pause"
@@ -136,7 +137,7 @@ def test_phase_follows_the_controls_and_can_be_set_from_outside() -> None:
         l_paused, _ = bb.step(nxt, paused)
         l_exhale, _ = bb.step(nxt, state)
         x = bb.embed(nxt) + bb.pos_scale * spiral.sinusoidal(torch.tensor([3]), 32)
-        torch.testing.assert_close(l_paused, F.linear(spiral._rms(bb.norm, x), bb.embed.weight), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(l_paused, F.linear(rms(bb.norm, x), bb.embed.weight), rtol=1e-5, atol=1e-5)
         assert not torch.allclose(l_exhale, l_paused, atol=1e-3)
 
 
