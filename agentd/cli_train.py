@@ -22,13 +22,13 @@ from typing import Any
 
 from agentd.config import Config
 
-# The first phase of the shipped default checkpoint's recipe (README, "Training"): `agentd train`
-# with no options but --out runs it.
+# The shipped default checkpoint's recipe (README, "Training"): `agentd train --out DIR` with no
+# other option reproduces it.
 DEFAULT_BACKBONE = "nexus"
 DEFAULT_PRESET = "small"
-DEFAULT_STEPS = 3600
-DEFAULT_WEIGHTS = "arithmetic=3,fact=3,calm=1,alert=1,chat=1"
-DEFAULT_STAGES = "0.4,0.5,0.1"
+DEFAULT_STEPS = 8000
+DEFAULT_WEIGHTS = "arithmetic=4,fact=4,calm=1,alert=1,chat=1"
+DEFAULT_STAGES = "0.6,0.3,0.1"
 
 
 def _weights(text: str) -> dict[str, float]:
@@ -91,16 +91,13 @@ def add_parser(sub: Any) -> None:
                    help=f"how often each skill is drawn (default: {DEFAULT_WEIGHTS})")
     t.add_argument("--mem-noise", type=float, default=0.25,
                    help="share of chat/arithmetic turns preceded by unrelated recalled memories (default: %(default)s)")
-    t.add_argument("--novel-subjects", type=float, default=0.0,
+    t.add_argument("--novel-subjects", type=float, default=0.5,
                    help="share of told facts whose subject is a made-up noun, so answers copy it (default: %(default)s)")
-    t.add_argument("--varied-values", type=float, default=0.0,
-                   help="share of fact values and words drawn with varied length and shape, so answers copy a "
-                        "value to its end (default: %(default)s)")
-    t.add_argument("--paraphrase", type=float, default=0.0,
+    t.add_argument("--paraphrase", type=float, default=0.6,
                    help="share of questions and told facts in extra training phrasings (default: %(default)s)")
-    t.add_argument("--open-endings", type=float, default=0.0,
-                   help="share of varied words ending in a vowel and codes ending in X, in shapes the held-out "
-                        "values never take (default: %(default)s)")
+    t.add_argument("--keyword-first", type=float, default=0.0,
+                   help="share of extra string-work phrasings with the operation's keyword before the word, "
+                        "not opening the question: \"in uppercase, write X\" (default: %(default)s)")
     t.add_argument("--text", action="append", default=[], metavar="FILE",
                    help="a UTF-8 text file to mix into the episode and stream stages, repeatable")
     t.add_argument("--text-mix", type=float, default=0.1, help="share of rows taken from --text files (default: %(default)s)")
@@ -153,8 +150,8 @@ def _train(args: argparse.Namespace) -> int:
                           lr=args.lr, warmup=args.warmup, stages=args.stages, seed=args.seed, threads=args.threads,
                           checkpoint_every=args.checkpoint_every, log_every=args.log_every)
         curriculum = AgentCurriculum(args.seed, texts, args.text_mix, weights=args.weights, mem_noise=args.mem_noise,
-                                     novel_subjects=args.novel_subjects, varied_values=args.varied_values,
-                                     paraphrase=args.paraphrase, open_endings=args.open_endings)
+                                     novel_subjects=args.novel_subjects, paraphrase=args.paraphrase,
+                                     keyword_first=args.keyword_first)
     except ValueError as exc:
         print(f"agentd train: {exc}", file=sys.stderr)
         return 2

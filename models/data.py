@@ -11,15 +11,18 @@ Skills (each an ``Episode`` of one or more turns):
   chat       - greetings and questions it cannot answer: a short honest reply
 
 Templates and values are split into ``train`` and ``heldout`` so evaluation sees phrasings,
-names and numbers the model never trained on. Observation texts are rendered by
-``models.transcript``, the same functions the daemon uses, so training matches serving.
+names and numbers the model never trained on: held-out templates and fact subjects are lists of
+their own, held-out words and values are the one in eight that ``held_out`` picks by hash.
+Observation texts are rendered by ``models.transcript``, the same functions the daemon uses, so
+training matches serving.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
+import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -83,6 +86,75 @@ _STRING_Q = {
     "heldout": [("spell {w} backwards", "print({q}[::-1])", "reversed"), ("count the characters of {w}", "print(len({q}))", "letters"),
                 ("uppercase {w}", "print({q}.upper())", "upper")],
 }
+# The extra training phrasings of string work (drawn with probability ``paraphrase``): each operation
+# in many frames, its keyword before or after the word, so the operation is read from the keyword
+# wherever it sits and the word is told apart from the frame around it. None is a held-out phrasing,
+# none opens with a held-out phrasing's first word ("spell", "uppercase", "count").
+_OPENERS = ["write", "say", "give me", "show me", "print", "type", "read", "put", "render", "output", "now write",
+            "please write", "can you write", "could you say", "try writing", "display", "show", "produce", "return",
+            "echo", "list", "write out", "type out", "read out", "jot down", "shout", "whisper", "recite", "copy",
+            "present", "draw", "format", "emit", "send me", "post", "scribble"]
+_HELD_OUT_OPENERS = ("spell", "uppercase", "count")  # the held-out phrasings' first words: never a training opener
+_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "st", "sp", "pl", "tr", "br", "gr", "fl",
+           "sk", "cl", "dr", "pr", "sh", "ch", "th", "wr", "sn"]
+_CODAS = ["", "n", "t", "ll", "nd", "st", "nk", "mp", "ss", "rt", "ng", "ck", "lt", "sk", "ft", "rd", "sh"]
+_PREFIXES = ["", "", "", "", "please ", "hey, ", "ok, ", "now ", "quick one: "]
+_STRING_FRAMES = {
+    "print({q}[::-1])": [
+        "{o} {w} backwards", "{o} {w} reversed", "{o} {w} in reverse", "{o} {w} back to front", "{o} the word {w} backwards",
+        "{o} {w} in reverse order", "{w} backwards", "{w} reversed", "what is {w} reversed?", "what is {w} backwards?",
+        "reverse {w}", "reverse the word {w}", "reverse the letters of {w}", "{w} backwards please",
+        "how does {w} read backwards?", "flip {w} around", "{w} the other way round"],
+    "print({q}.upper())": [
+        "{o} {w} in capitals", "{o} {w} in uppercase", "{o} {w} in upper case", "{o} {w} in caps",
+        "{o} {w} in capital letters", "{o} {w} in all caps", "{o} {w} uppercased", "{w} in uppercase",
+        "{w} in capitals please", "make {w} uppercase", "turn {w} uppercase", "convert {w} to uppercase",
+        "convert {w} to upper case", "capitalise {w}", "capitalize every letter of {w}", "what is {w} in uppercase?",
+        "{w} uppercase please", "change {w} to capitals"],
+    "print(len({q}))": [
+        "how many letters are in {w}?", "how many characters are in {w}?", "how many chars in {w}?",
+        "how many letters does {w} have?", "how many characters does {w} have?", "tally the letters in {w}",
+        "number of letters in {w}?", "number of characters in {w}?", "tell me the number of characters in {w}",
+        "how long is {w}?", "how long is the word {w}?", "length of {w}?", "what is the length of {w}?",
+        "what is the character count of {w}?", "{w} has how many characters?", "give me the letter count of {w}",
+        "the length of {w}, please"],
+}
+
+
+def _made_up_opener(rng: random.Random) -> str:
+    """A made-up verb of any shape ("strunk", "bomi"), so that the word worked on is found by its
+    place in the phrasing, not by being the one word the model does not know."""
+    while True:
+        w = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(rng.randint(1, 2)))
+        if w not in _HELD_OUT_OPENERS:
+            return w
+
+
+# Phrasings whose keyword comes before the word without opening the question: a keyword is not
+# always after the word it names ("make X uppercase"), nor is the word after it always its first
+# letters ("in uppercase, write X"). Drawn with probability ``keyword_first``.
+_KEYWORD_FIRST_FRAMES = {
+    "print({q}[::-1])": [
+        "in reverse, {o} {w}", "the reverse of {w}", "backwards, {o} {w}", "{o} backwards: {w}", "{o} in reverse: {w}",
+        "what is the reverse of {w}?", "give me the reversed {w}", "a backwards {w}, please", "reversed: {w}"],
+    "print({q}.upper())": [
+        "in uppercase, {o} {w}", "the uppercase of {w}", "the uppercase form of {w}", "{o} in uppercase: {w}",
+        "in capitals, {o} {w}", "{o} in caps: {w}", "what is the uppercase of {w}?", "an uppercase {w}, please",
+        "all caps: {w}", "capitals: {w}"],
+    "print(len({q}))": [
+        "the character count of {w}", "letters in {w}, how many?", "{o} the length of {w}", "{o} the letter count of {w}",
+        "length: {w}", "the number of letters in {w}", "in letters, how long is {w}?"],
+}
+
+
+def _string_phrasing(rng: random.Random, keyword_first: float = 0.0) -> tuple[str, str]:
+    """An extra training phrasing of string work: (question template with {w}, code template with {q})."""
+    frames = _KEYWORD_FIRST_FRAMES if keyword_first and rng.random() < keyword_first else _STRING_FRAMES
+    code = rng.choice(list(frames))
+    opener = rng.choice(_OPENERS) if rng.random() < 0.6 else _made_up_opener(rng)
+    return rng.choice(_PREFIXES) + rng.choice(frames[code]).replace("{o}", opener), code
+
+
 _FACT_NOUNS = {  # subjects are "my <noun>" / "the <noun>"; held-out nouns never appear in training
     "train": ["cat", "dog", "sister", "brother", "landlord", "neighbour", "horse", "robot", "project", "car", "boss",
               "doctor", "teacher", "printer", "laptop", "server", "router", "garden", "friend", "cousin", "parrot",
@@ -105,12 +177,6 @@ _FACT_ASK = {
 _EXTRA = {
     "arith": ["what's {a} {op} {b}?", "please compute {a} {op} {b}", "work out {a} {op} {b}", "{a} {op} {b}?",
               "give me {a} {op} {b}", "find {a} {op} {b}", "what does {a} {op} {b} make?", "evaluate {a} {op} {b}"],
-    "string": [("write {w} backwards", "print({q}[::-1])", "reversed"), ("what is {w} reversed?", "print({q}[::-1])", "reversed"),
-               ("reverse {w}", "print({q}[::-1])", "reversed"), ("{w} backwards please", "print({q}[::-1])", "reversed"),
-               ("how long is the word {w}?", "print(len({q}))", "letters"), ("count the letters in {w}", "print(len({q}))", "letters"),
-               ("how many characters does {w} have?", "print(len({q}))", "letters"), ("length of {w}?", "print(len({q}))", "letters"),
-               ("make {w} uppercase", "print({q}.upper())", "upper"), ("{w} in upper case", "print({q}.upper())", "upper"),
-               ("capitalise every letter of {w}", "print({q}.upper())", "upper")],
     "tell": ["just so you know, {s} {verb} {v}", "fyi {s} {verb} {v}", "don't forget that {s} {verb} {v}",
              "remember this: {s} {verb} {v}"],
     "ask": ["what {verb_q} now?", "say what {verb_q}", "quick question: what {verb_q}?", "do you know what {verb_q}?",
@@ -181,53 +247,59 @@ _CONSONANTS = "bcdfghjklmnprstvwz"
 _VOWELS = "aeiou"
 
 
+def held_out(value: str) -> bool:
+    """Whether a word or value belongs to evaluation: one in eight, by a fixed hash. Training never
+    draws one, so every held-out value is new to the model, while training still shows every shape
+    (any length, open or closed endings, codes with or without a letter) and an answer must copy a
+    value to its end instead of stopping where training values usually stop."""
+    return zlib.crc32(value.lower().encode()) % 8 == 0
+
+
+def _split_draw(rng: random.Random, split: Split, make: Callable[[random.Random], str]) -> str:
+    while True:
+        v = make(rng)
+        if held_out(v) == (split == "heldout"):
+            return v
+
+
+def _syllables(rng: random.Random, n: int) -> str:
+    return "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(n))
+
+
 def _word(rng: random.Random, split: Split) -> str:
-    """A pronounceable made-up word; held-out words end in a vowel, training words in a consonant,
-    so the two sets never meet."""
-    n = rng.randint(2, 3)
-    w = "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(n))
-    return w if split == "heldout" else w + rng.choice(_CONSONANTS)
+    """A pronounceable made-up word. Held-out words are 2 or 3 open syllables ("vahele"); training
+    words are 1 to 4 syllables, open or closed ("ba", "tivok")."""
+    if split == "heldout":
+        return _split_draw(rng, split, lambda r: _syllables(r, r.randint(2, 3)))
+    return _split_draw(rng, split, lambda r: _syllables(r, r.randint(1, 4)) + (r.choice(_CONSONANTS) if r.random() < 0.5 else ""))
 
 
-def _varied_word(rng: random.Random, open_endings: float = 0.0) -> str:
-    """A training word of 1 to 4 syllables. Held-out words are 2 or 3 open syllables (ending in a
-    vowel); with probability ``open_endings`` a training word ends in a vowel too, but then has 1 or 4
-    syllables, so the model learns to copy vowel endings without ever seeing a held-out word."""
-    if open_endings and rng.random() < open_endings:
-        n = rng.choice((1, 4))
-        return "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(n))
-    n = rng.randint(1, 4)
-    return "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(n)) + rng.choice(_CONSONANTS)
+def _code(rng: random.Random, split: Split) -> str:
+    """A code. Held-out: "P76-74X"; training: a letter, 1-4 digits, a dash, 1-4 digits, and
+    sometimes a closing letter (X among them)."""
+    if split == "heldout":
+        return _split_draw(rng, split, lambda r: f"{r.choice(_CONSONANTS).upper()}{r.randint(1, 99)}-{r.randint(10, 99)}X")
+
+    def make(r: random.Random) -> str:
+        code = f"{r.choice(_CONSONANTS).upper()}{r.randint(1, 10 ** r.randint(1, 4) - 1)}-{r.randint(1, 10 ** r.randint(1, 4) - 1)}"
+        return code + r.choice("ABCDEFGHJKLMNPRSTUVWXYZ") if r.random() < 0.4 else code
+
+    return _split_draw(rng, split, make)
 
 
-def _varied_value(rng: random.Random, open_endings: float = 0.0) -> str:
-    """A training value of varied length and shape, so that an answer copies a value to its end
-    rather than stopping where training values usually stop. Still apart from held-out values:
-    words end in a consonant, codes never end in X, 4-5 digit numbers never end in 0."""
-    r = rng.random()
-    if r < 0.4:
-        return _varied_word(rng, open_endings).capitalize()
-    if r < 0.7 and open_endings and rng.random() < open_endings:
-        # Ends in X like held-out codes, but its second number has 3-4 digits (held-out: 2).
-        return f"{rng.choice(_CONSONANTS).upper()}{rng.randint(1, 9999)}-{rng.randint(100, 9999)}X"
-    if r < 0.7:
-        code = f"{rng.choice(_CONSONANTS).upper()}{rng.randint(1, 9999)}-{rng.randint(1, 9999)}"
-        return code + rng.choice("ABCDEFGHJKLMNPRSTUVWYZ") if rng.random() < 0.5 else code
-    digits = str(rng.randint(10, 999999))
-    if len(digits) in (4, 5) and digits.endswith("0"):
-        digits = digits[:-1] + str(rng.randint(1, 9))
-    return digits
+def _digits(rng: random.Random, split: Split) -> str:
+    """A number value. Held-out: 4 or 5 digits ending in 0; training: 2 to 6 digits."""
+    if split == "heldout":
+        return _split_draw(rng, split, lambda r: str(r.randint(100, 9999)) + "0")
+    return _split_draw(rng, split, lambda r: str(r.randint(10, 10 ** r.randint(2, 6) - 1)))
 
 
 def _value(rng: random.Random, split: Split) -> str:
-    """A fact's value: a capitalised name, a code, or a number (held-out ones built apart, see _word)."""
+    """A fact's value: a capitalised name, a code, or a number."""
     r = rng.random()
     if r < 0.5:
         return _word(rng, split).capitalize()
-    if r < 0.75:
-        code = f"{rng.choice(_CONSONANTS).upper()}{rng.randint(1, 99)}-{rng.randint(10, 99)}"
-        return code if split == "train" else code + "X"
-    return str(rng.randint(100, 9999)) + ("" if split == "train" else "0")
+    return _code(rng, split) if r < 0.75 else _digits(rng, split)
 
 
 def _fmt(x: float) -> str:
@@ -237,13 +309,12 @@ def _fmt(x: float) -> str:
 class EpisodeGenerator:
     """Reproducible episodes: the same (seed, split) always gives the same sequence."""
 
-    def __init__(self, seed: int = 0, split: Split = "train", novel_subjects: float = 0.0, varied_values: float = 0.0,
-                 paraphrase: float = 0.0, open_endings: float = 0.0) -> None:
+    def __init__(self, seed: int = 0, split: Split = "train", novel_subjects: float = 0.0, paraphrase: float = 0.0,
+                 keyword_first: float = 0.0) -> None:
         self.split = split
         self.novel = novel_subjects
-        self.varied = varied_values
         self.paraphrase = paraphrase
-        self.open_endings = open_endings
+        self.keyword_first = keyword_first
         self.rng = random.Random(f"{seed}:{split}")
 
     def _phrase(self, rng: random.Random, table: dict[str, Sequence], extra: str):  # type: ignore[no-untyped-def]
@@ -251,16 +322,15 @@ class EpisodeGenerator:
             return rng.choice(_EXTRA[extra])
         return _pick(rng, table, self.split)
 
-    def _vary(self, rng: random.Random) -> bool:
-        return bool(self.varied) and self.split == "train" and rng.random() < self.varied
-
     def _value(self, rng: random.Random) -> str:
-        return _varied_value(rng, self.open_endings) if self._vary(rng) else _value(rng, self.split)
+        return _value(rng, self.split)
 
     # -- skills --------------------------------------------------------------------------------
     def arithmetic(self, rng: random.Random) -> Episode:
         split = self.split
-        if rng.random() < 0.6:
+        # Training asks for string work more often than evaluation does (55% against 40%): numbers
+        # are learnt early, finding and copying the word takes longer.
+        if rng.random() < (0.6 if split == "heldout" else 0.45):
             a, b = _operands(rng, split)
             op = rng.choice(["+", "-", "*"])
             question = self._phrase(rng, _ARITH_Q, "arith").format(a=a, b=b, op=op)
@@ -268,8 +338,11 @@ class EpisodeGenerator:
             answer = str(eval(f"{a} {op} {b}"))  # noqa: S307 - integers and one operator we just made
             speak = f"{a} {op} {b} = {answer}"
         else:
-            q_tpl, code_tpl, _ = self._phrase(rng, _STRING_Q, "string")
-            w = _varied_word(rng, self.open_endings) if self._vary(rng) else _word(rng, split)
+            if self.paraphrase and split == "train" and rng.random() < self.paraphrase:
+                q_tpl, code_tpl = _string_phrasing(rng, self.keyword_first)
+            else:
+                q_tpl, code_tpl, _ = _pick(rng, _STRING_Q, split)
+            w = _word(rng, split)
             question = q_tpl.format(w=w)
             code = code_tpl.format(q=repr(w))
             answer = str(eval(code[len("print("):-1]))  # noqa: S307 - a string method on a literal
@@ -358,8 +431,8 @@ class AgentCurriculum:
 
     def __init__(self, seed: int = 0, texts: Sequence[str] = (), text_mix: float = 0.1,
                  weights: dict[str, float] | None = None, mem_noise: float = 0.0, novel_subjects: float = 0.0,
-                 varied_values: float = 0.0, paraphrase: float = 0.0, open_endings: float = 0.0) -> None:
-        self.gen = EpisodeGenerator(seed, "train", novel_subjects, varied_values, paraphrase, open_endings)
+                 paraphrase: float = 0.0, keyword_first: float = 0.0) -> None:
+        self.gen = EpisodeGenerator(seed, "train", novel_subjects, paraphrase, keyword_first)
         self.texts = [t.encode("utf-8") for t in texts if t]
         self.text_mix = text_mix if self.texts else 0.0
         # Skill weights (uniform when None): the copy-heavy skills need more practice.
