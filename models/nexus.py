@@ -65,7 +65,8 @@ class NexusConfig:
     lex_ways: int = 32  # slots per LSH bucket
     lex_ngram: int = 12  # tokens hashed into a key
     lex_lookahead: int = 4  # tokens after a value that count toward its salience
-    lex_margin_bits: int = 8  # salience needed to write: bits above the stream's average
+    lex_margin_bits: int = 4  # salience needed to write: bits above the stream's average
+    lex_rarity: str = "bigram"  # salience counts each token given the one before it ("unigram": alone)
     lex_horizon: int = 1 << 18  # tokens of recency worth one bit of salience when slots compete
     copy_gain: float = 4.0  # initial weight of the lexical vote on the logits
 
@@ -83,7 +84,7 @@ class NexusConfig:
         if self.lexical:
             check_lexical(
                 self.vocab_size, self.lex_slots, self.lex_ways, self.lex_ngram, self.lex_lookahead, self.lex_margin_bits,
-                self.lex_horizon, self.mem_block,
+                self.lex_horizon, self.mem_block, self.lex_rarity,
             )
 
 
@@ -125,7 +126,8 @@ class Nexus(Backbone):
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
         nn.init.normal_(self.embed.weight, std=0.02)
         self.lex = (
-            LexicalLane(c.vocab_size, c.lex_slots, c.lex_ways, c.lex_ngram, c.lex_lookahead, c.lex_margin_bits, c.lex_horizon, c.mem_block)
+            LexicalLane(c.vocab_size, c.lex_slots, c.lex_ways, c.lex_ngram, c.lex_lookahead, c.lex_margin_bits, c.lex_horizon,
+                        c.mem_block, c.lex_rarity)
             if c.lexical
             else None
         )

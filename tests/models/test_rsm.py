@@ -39,11 +39,12 @@ def test_blocks_cut_at_absolute_boundaries() -> None:
 
 
 # -- lexical lane -----------------------------------------------------------------------------------
-def test_lexical_needles_recalled_after_a_long_stream() -> None:
+@pytest.mark.parametrize("rarity", rsm.RARITY_MODELS)
+def test_lexical_needles_recalled_after_a_long_stream(rarity: str) -> None:
     # 20 needles in ~60k tokens, blocks of 32: every needle is written thousands of tokens and
     # hundreds of blocks before it is asked for. Each needle writes ~35 salient n-grams (its key,
     # value and their neighbourhood), so 20 of them need ~700 of the 1024 slots.
-    lane = LexicalLane(272, slots=1024, ways=16, ngram=10, lookahead=4, block=32)
+    lane = LexicalLane(272, slots=1024, ways=16, ngram=10, lookahead=4, block=32, rarity=rarity)
     rnd = random.Random(1)
     needles = {f"{rnd.getrandbits(32):08x}": str(rnd.randrange(10**6, 10**7)) for _ in range(20)}
     parts = []
@@ -138,11 +139,28 @@ def test_bucket_keeps_its_best_scored_entries() -> None:
     assert sorted(state["slots"][0, 4:, 1].tolist()) == [400, 401, 402, 403]
 
 
+def test_bigram_rarity_weighs_a_token_by_the_one_before_it() -> None:
+    # After "abab...", "b" following "a" is expected and "b" following "b" never seen; under unigram
+    # counts both are the same common "b".
+    history = _ids("ab" * 200)
+    probe = _ids("abb")
+    bits = {}
+    for rarity in rsm.RARITY_MODELS:
+        lane = LexicalLane(272, slots=64, ways=4, ngram=4, block=8, rarity=rarity)
+        state = _stream(lane, history)
+        r, _ = lane._rarity(probe, state["counts"], history.shape[1], state["hist"][:, -1])
+        bits[rarity] = r[0].tolist()
+    assert bits["unigram"][1] == bits["unigram"][2]
+    assert bits["bigram"][2] >= bits["bigram"][1] + 7  # p(b | a) ~ 1, p(b | b) ~ 1/(200 + V)
+
+
 def test_lexical_config_errors_name_the_problem() -> None:
     with pytest.raises(ValueError, match="multiple of ways"):
         LexicalLane(272, slots=100, ways=8)
     with pytest.raises(ValueError, match="ngram"):
         LexicalLane(272, ngram=0)
+    with pytest.raises(ValueError, match="rarity must be one of bigram, unigram, got 'trigram'"):
+        LexicalLane(272, rarity="trigram")
     with pytest.raises(ValueError, match="tokens must be"):
         LexicalLane(272)(torch.zeros(5, dtype=torch.long), LexicalLane(272).init_state(1), 0)
 
