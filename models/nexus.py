@@ -65,7 +65,7 @@ class NexusConfig:
     lex_ways: int = 32  # slots per LSH bucket
     lex_ngram: int = 12  # tokens hashed into a key
     lex_lookahead: int = 4  # tokens after a value that count toward its salience
-    lex_margin_bits: int = 4  # salience needed to write: bits above the stream's average
+    lex_margin_bits: int = 0  # salience needed to write: bits above the stream's average
     lex_rarity: str = "bigram"  # salience counts each token given the one before it ("unigram": alone)
     lex_horizon: int = 1 << 18  # tokens of recency worth one bit of salience when slots compete
     copy_gain: float = 4.0  # initial weight of the lexical vote on the logits

@@ -134,7 +134,7 @@ class LexicalLane(nn.Module):
 
     def __init__(
         self, vocab_size: int, slots: int = 16384, ways: int = 32, ngram: int = 12, lookahead: int = 4,
-        margin_bits: int = 4, horizon: int = 1 << 18, block: int = 128, rarity: str = "bigram",
+        margin_bits: int = 0, horizon: int = 1 << 18, block: int = 128, rarity: str = "bigram",
     ) -> None:
         super().__init__()
         check_lexical(vocab_size, slots, ways, ngram, lookahead, margin_bits, horizon, block, rarity)
