@@ -12,21 +12,25 @@ one more connection streams ``condition`` readings at ``--readings-per-s``. Prin
   the ratio says what the load costs a user;
 - events the daemon dropped for slow clients (``status.dropped_events``);
 - acknowledged memories lost: every ``memory.add`` that was answered must be in ``memory.export``;
-- the daemon's RSS, process count and open files before and after.
+- the daemon's RSS, process count and open files before and after;
+- over ``--repeats`` runs (each a fresh daemon, its own seed), the median and [min, max] of each.
 
-    .venv/bin/python bench/daemon.py                     # 32 clients x 40 requests
+    .venv/bin/python bench/daemon.py                     # 3 runs of 32 clients x 40 requests
     .venv/bin/python bench/daemon.py --clients 8 --requests 10
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import random
+import statistics
 import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from harness import DaemonProc, bench_config, daemon_parser, exported_ids, percentile, process_tree
 
@@ -98,15 +102,8 @@ async def lone_chats(sock: Path, n: int) -> list[float]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = daemon_parser(__doc__)
-    p.add_argument("--clients", type=int, default=32)
-    p.add_argument("--requests", type=int, default=40, help="requests per client (default: 40)")
-    p.add_argument("--readings-per-s", type=float, default=50.0)
-    p.add_argument("--lone", type=int, default=10, help="chats of the lone-client peer (default: 10)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-
+def run_once(args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """One measurement on a fresh daemon; prints its figures and returns them."""
     with tempfile.TemporaryDirectory(prefix="agentd-bench-") as tmp:
         d = DaemonProc(Path(tmp), bench_config(args)).start()
         try:
@@ -119,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 stop = asyncio.Event()
                 feeder = asyncio.create_task(readings(d.socket_path, args.readings_per_s, stop, load))
                 t = time.perf_counter()
-                await asyncio.gather(*(load.client(d.socket_path, i, args.requests, args.seed) for i in range(args.clients)))
+                await asyncio.gather(*(load.client(d.socket_path, i, args.requests, seed) for i in range(args.clients)))
                 elapsed = time.perf_counter() - t
                 stop.set()
                 await feeder
@@ -135,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     total = sum(load.done.values())
     print(f"daemon: backbone {args.backbone} ({st.get('weights')}), {args.clients} clients x {args.requests} requests, "
-          f"readings at {args.readings_per_s:g}/s")
+          f"readings at {args.readings_per_s:g}/s, seed {seed}")
     print(f"requests: {total} in {elapsed:.1f} s = {total / elapsed:.1f} req/s  ({', '.join(f'{k} {v}' for k, v in sorted(load.done.items()))})")
     print(f"errors: {sum(load.errors.values())}  {dict(load.errors) if load.errors else ''}")
     print(f"time to first SPEAK: p50 {percentile(load.first_speak, 0.5) * 1000:.0f} ms  p99 {percentile(load.first_speak, 0.99) * 1000:.0f} ms"
@@ -147,8 +144,33 @@ def main(argv: list[str] | None = None) -> int:
     print(f"acknowledged memories: {len(load.acked)}, lost: {len(lost)}")
     print(f"daemon RSS {before['rss_mib']:.0f} -> {after['rss_mib']:.0f} MiB (with children {before['tree_rss_mib']:.0f} -> "
           f"{after['tree_rss_mib']:.0f}); processes {before['processes']} -> {after['processes']}; "
-          f"open files {before['open_files']} -> {after['open_files']}")
-    ok = not load.errors and not lost and st["dropped_events"] == 0
+          f"open files {before['open_files']} -> {after['open_files']}", flush=True)
+    return {"req/s": total / elapsed, "errors": sum(load.errors.values()),
+            "first SPEAK p50 ms": percentile(load.first_speak, 0.5) * 1000,
+            "first SPEAK p99 ms": percentile(load.first_speak, 0.99) * 1000,
+            "dropped events": st["dropped_events"], "acked memories": len(load.acked), "lost": len(lost),
+            "RSS after MiB": after["rss_mib"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = daemon_parser(__doc__)
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--requests", type=int, default=40, help="requests per client (default: 40)")
+    p.add_argument("--readings-per-s", type=float, default=50.0)
+    p.add_argument("--lone", type=int, default=10, help="chats of the lone-client peer (default: 10)")
+    p.add_argument("--repeats", type=int, default=3, help="runs, each on a fresh daemon with its own seed (default: 3)")
+    p.add_argument("--seed", type=int, default=0, help="the first run's seed (default: 0)")
+    args = p.parse_args(argv)
+
+    runs = []
+    for i in range(args.repeats):
+        runs.append(run_once(args, args.seed + i))
+        print()
+    print(f"over {len(runs)} runs: median [min, max]")
+    for key in runs[0]:
+        xs = sorted(r[key] for r in runs)
+        print(f"  {key:<20} {statistics.median(xs):10.1f}  [{xs[0]:.1f}, {xs[-1]:.1f}]")
+    ok = all(r["errors"] == 0 and r["lost"] == 0 and r["dropped events"] == 0 for r in runs)
     print(f"target: zero errors, zero lost acknowledged memories, zero dropped events: {'met' if ok else 'NOT met'}")
     return 0 if ok else 1
 

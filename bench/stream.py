@@ -1,8 +1,9 @@
 """Flat memory over a long stream: RSS and tokens/s while each backbone consumes ``--tokens`` tokens.
 
 agentd runs for months on one stream, so a backbone's memory must not grow with the stream's
-length. For each backbone (default: every built-in that is available; ``hf`` and ``remote`` need a
-model directory or a server and are left out), built with its default config, a child process
+length. For each backbone (default: every built-in that is available, plus ``hf`` on the local
+transformers model that ``--hf-model`` names; ``remote`` keeps its state on a server and is left
+out), built with its default config, a child process
 streams seeded random text through ``forward`` in ``--chunk``-token chunks with the state carried,
 and samples its RSS and throughput every ``--every`` tokens. It prints the first sample after
 warm-up (``--warmup`` of the stream), the last, the slope in MiB per million tokens, and whether the
@@ -15,6 +16,7 @@ at that point, next to each backbone's at the same count.
 
     .venv/bin/python bench/stream.py                         # 10M tokens per backbone
     .venv/bin/python bench/stream.py --tokens 1000000 --archs hyena nexus
+    .venv/bin/python bench/stream.py --archs hf --hf-model /path/to/a/local/gpt2
 """
 
 from __future__ import annotations
@@ -40,11 +42,20 @@ def rss_mib() -> float:
     return psutil.Process().memory_info().rss / (1 << 20)
 
 
-def stream_one(name: str, tokens: int, chunk: int, every: int, threads: int, seed: int) -> list[dict[str, float]]:
+def _build(name: str, hf_model: str | None) -> models.Backbone:
+    if name == "hf":
+        if not hf_model:
+            raise SystemExit("stream.py: the hf backbone needs --hf-model DIR (a local transformers model directory)")
+        return models.build("hf", path=hf_model)
+    return models.build(name)
+
+
+def stream_one(name: str, tokens: int, chunk: int, every: int, threads: int, seed: int,
+               hf_model: str | None = None) -> list[dict[str, float]]:
     """Stream ``tokens`` through backbone ``name`` in this process; one sample per ``every`` tokens."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    bb = models.build(name)
+    bb = _build(name, hf_model)
     gen = torch.Generator().manual_seed(seed)
     state = bb.init_state(1)
     samples: list[dict[str, float]] = []
@@ -87,7 +98,7 @@ def _child(argv: list[str]) -> int:
         _, params, d_model = args.child.split(":")
         out: object = stream_peer(int(params), int(d_model), args.peer_positions, args.threads, args.seed)
     else:
-        out = stream_one(args.child, args.tokens, args.chunk, args.every, args.threads, args.seed)
+        out = stream_one(args.child, args.tokens, args.chunk, args.every, args.threads, args.seed, args.hf_model)
     print(json.dumps(out))
     return 0
 
@@ -99,6 +110,15 @@ def _run_child(child: str, argv: list[str]) -> object:
     if r.returncode != 0:
         raise RuntimeError(f"{child}: exit {r.returncode}\n{r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _width(bb: models.Backbone) -> int:
+    """The model width the GPT-2 peer is sized to (an hf model's own config names it)."""
+    cfg = bb.config
+    if hasattr(cfg, "d_model"):
+        return int(cfg.d_model)
+    hf = bb.model.config  # type: ignore[attr-defined]
+    return int(getattr(hf, "hidden_size", None) or hf.n_embd)
 
 
 def summarise(samples: list[dict[str, float]], warmup: float) -> dict[str, float]:
@@ -119,8 +139,9 @@ def summarise(samples: list[dict[str, float]], warmup: float) -> dict[str, float
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--archs", nargs="+", default=[a for a in BUILTIN if a in models.available()],
-                   help="backbones to stream (default: every available built-in)")
+    p.add_argument("--archs", nargs="+", default=None,
+                   help="backbones to stream (default: every available built-in, and hf with --hf-model)")
+    p.add_argument("--hf-model", metavar="DIR", help="a local transformers causal LM for the hf backbone")
     p.add_argument("--tokens", type=int, default=10_000_000, help="tokens streamed per backbone (default: 10M)")
     p.add_argument("--chunk", type=int, default=2048, help="tokens per forward call (default: 2048)")
     p.add_argument("--every", type=int, default=100_000, help="tokens between samples (default: 100k)")
@@ -129,7 +150,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.archs is None:
+        args.archs = [a for a in BUILTIN if a in models.available()] + (["hf"] if args.hf_model else [])
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{'tok/s':>8}  flat   {'peer tok/s':>10} {'peer RSS':>9}")
     all_flat = True
     for name in args.archs:
-        bb = models.build(name)
-        params, d_model = models.count_parameters(bb), int(bb.config.d_model)
+        bb = _build(name, args.hf_model)
+        params, d_model = models.count_parameters(bb), _width(bb)
         del bb
         samples = _run_child(name, argv)
         s = summarise(samples, args.warmup)  # type: ignore[arg-type]

@@ -33,7 +33,7 @@ are written; repeated text rewrites the slots it already owns instead of taking 
 bucket keeps its best-scored entries, so a needle is lost only when ``ways`` newer entries at least
 as salient land in its bucket. Measured with 100 needles in 512k tokens (bench/recall.py, medians
 of 3 seeds): every needle in repeated filler; in the repository's Markdown, 100% of UUID values and
-92% of 7-digit ones, which compete with the prose's own numbers. Bigram rarity is what lifts UUIDs
+93% of 7-digit ones, which compete with the prose's own numbers. Bigram rarity is what lifts UUIDs
 in prose from about half: under unigram counts a hex id in text full of hashes and figures is not rare.
 
 States are plain dicts of tensors (lexical: int64, semantic: fp32) so a backbone can embed them in
