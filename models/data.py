@@ -317,13 +317,14 @@ class EpisodeGenerator:
         self.keyword_first = keyword_first
         self.rng = random.Random(f"{seed}:{split}")
 
+    def _extra(self, rng: random.Random) -> bool:
+        """Whether this question or told fact takes an extra training phrasing (never in held-out)."""
+        return bool(self.paraphrase) and self.split == "train" and rng.random() < self.paraphrase
+
     def _phrase(self, rng: random.Random, table: dict[str, Sequence], extra: str):  # type: ignore[no-untyped-def]
-        if self.paraphrase and self.split == "train" and rng.random() < self.paraphrase:
+        if self._extra(rng):
             return rng.choice(_EXTRA[extra])
         return _pick(rng, table, self.split)
-
-    def _value(self, rng: random.Random) -> str:
-        return _value(rng, self.split)
 
     # -- skills --------------------------------------------------------------------------------
     def arithmetic(self, rng: random.Random) -> Episode:
@@ -338,7 +339,7 @@ class EpisodeGenerator:
             answer = str(eval(f"{a} {op} {b}"))  # noqa: S307 - integers and one operator we just made
             speak = f"{a} {op} {b} = {answer}"
         else:
-            if self.paraphrase and split == "train" and rng.random() < self.paraphrase:
+            if self._extra(rng):
                 q_tpl, code_tpl = _string_phrasing(rng, self.keyword_first)
             else:
                 q_tpl, code_tpl, _ = _pick(rng, _STRING_Q, split)
@@ -356,13 +357,13 @@ class EpisodeGenerator:
     def fact(self, rng: random.Random) -> Episode:
         split = self.split
         s, verb = _subject(rng, split, self.novel)
-        v = self._value(rng)
+        v = _value(rng, split)
         tell = self._phrase(rng, _FACT_TELL, "tell").format(s=s, verb=verb, v=v)
         ask = self._phrase(rng, _FACT_ASK, "ask").format(verb_q=_question(s, verb))
         # The daemon remembers what it was told verbatim, so recall brings back the told sentence,
         # among other memories that are not the answer.
         others = [o for o in (_subject(rng, split, self.novel) for _ in range(rng.randint(0, 2))) if o[0] != s]
-        distractors = [_pick(rng, _FACT_TELL, split).format(s=ds, verb=dv, v=self._value(rng)) for ds, dv in others]
+        distractors = [_pick(rng, _FACT_TELL, split).format(s=ds, verb=dv, v=_value(rng, split)) for ds, dv in others]
         recalled = [tell, *distractors]
         rng.shuffle(recalled)
         told = Turn(tr.chat_tokens(tell), [(_agent(("SPEAK", "Noted."), ("WAIT", "")), [])])
@@ -415,7 +416,7 @@ class EpisodeGenerator:
         lines = []
         for _ in range(rng.randint(1, 2)):
             s, verb = _subject(rng, self.split, self.novel)
-            lines.append(_pick(rng, _FACT_TELL, self.split).format(s=s, verb=verb, v=self._value(rng)))
+            lines.append(_pick(rng, _FACT_TELL, self.split).format(s=s, verb=verb, v=_value(rng, self.split)))
         return tr.memory_tokens(lines)
 
     # -- sampling ------------------------------------------------------------------------------

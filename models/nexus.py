@@ -21,7 +21,8 @@ Streaming state (fixed size; float tensors fp32, the lexical lane's int64):
     r{i}.mk / .mv / .occ     [B, S, dk|dv|-]    semantic slots: keys, values, written mass
     r{i}.pend / .pslot       [B, U, dk+dv+1]    the current memory block's pending writes [K, V, g], slots
     lex.slots                [B, S_lex, 3]      lexical slots: key fingerprint, next token, score
-    lex.counts / .rsum       [B, V] / [B]       the stream's unigram counts and total rarity bits
+    lex.counts / .rsum       [B, C] / [B]       the stream's rarity counts (C = V+1+2^17 for bigram, V for
+                                                unigram rarity) and total rarity bits
     lex.hist / .rar          [B, n+w]           the last tokens and their rarity bits
     lex.pend                 [B, U, 3]          the current memory block's pending lexical writes
 

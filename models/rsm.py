@@ -83,7 +83,7 @@ def blocks(pos: int, length: int, block: int) -> Iterator[tuple[int, int, int, b
 
 def check_lexical(
     vocab_size: int, slots: int, ways: int, ngram: int, lookahead: int, margin_bits: int, horizon: int, block: int,
-    rarity: str = "bigram",
+    rarity: str,
 ) -> None:
     """Raise ValueError naming the first impossible LexicalLane setting."""
     if rarity not in RARITY_MODELS:
