@@ -13,7 +13,7 @@ continuation must reproduce the value exactly. Fillers:
 Three readers of the same stream:
 
 * ``lane``         the lexical lane of the Recurrent Sparse Memory alone (models.rsm.LexicalLane,
-                   nexus's defaults: 16384 slots, 12-gram keys), decoding with ``complete``
+                   nexus's defaults: 65536 slots, 12-gram keys), decoding with ``complete``
 * ``nexus``        the whole nexus backbone (default config, untrained: the lane's copy vote on the
                    logits is what recalls; greedy decoding through ``forward``/``step``)
 * ``window_only``  nexus without memory (``PRESETS["window_only"]``): sliding-window attention

@@ -24,6 +24,7 @@ Streaming state (fixed size; float tensors fp32, the lexical lane's int64):
     lex.counts / .rsum       [B, C] / [B]       the stream's rarity counts (C = V+1+2^17 for bigram, V for
                                                 unigram rarity) and total rarity bits
     lex.hist / .rar          [B, n+w]           the last tokens and their rarity bits
+    lex.exc                  [B, trail]         the excess bits of the last writes (the trail)
     lex.pend                 [B, U, 3]          the current memory block's pending lexical writes
 
 Memory writes land at the end of each block of ``mem_block`` tokens (aligned to absolute positions,
@@ -62,13 +63,14 @@ class NexusConfig:
     sem_write_threshold: float = 0.5  # gates below this write nothing
     beta: float = 0.5  # initial fusion weight β
     lexical: bool = True  # the lexical lane and its copy vote
-    lex_slots: int = 16384
+    lex_slots: int = 65536
     lex_ways: int = 32  # slots per LSH bucket
     lex_ngram: int = 12  # tokens hashed into a key
     lex_lookahead: int = 4  # tokens after a value that count toward its salience
     lex_margin_bits: int = 0  # salience needed to write: bits above the stream's average
     lex_rarity: str = "bigram"  # salience counts each token given the one before it ("unigram": alone)
     lex_horizon: int = 1 << 18  # tokens of recency worth one bit of salience when slots compete
+    lex_trail: int = 12  # writes after a salient one that inherit its excess, less a bit per token
     copy_gain: float = 4.0  # initial weight of the lexical vote on the logits
 
     def __post_init__(self) -> None:
@@ -85,7 +87,7 @@ class NexusConfig:
         if self.lexical:
             check_lexical(
                 self.vocab_size, self.lex_slots, self.lex_ways, self.lex_ngram, self.lex_lookahead, self.lex_margin_bits,
-                self.lex_horizon, self.mem_block, self.lex_rarity,
+                self.lex_horizon, self.mem_block, self.lex_rarity, self.lex_trail,
             )
 
 
@@ -128,7 +130,7 @@ class Nexus(Backbone):
         nn.init.normal_(self.embed.weight, std=0.02)
         self.lex = (
             LexicalLane(c.vocab_size, c.lex_slots, c.lex_ways, c.lex_ngram, c.lex_lookahead, c.lex_margin_bits, c.lex_horizon,
-                        c.mem_block, c.lex_rarity)
+                        c.mem_block, c.lex_rarity, c.lex_trail)
             if c.lexical
             else None
         )

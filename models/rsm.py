@@ -6,7 +6,8 @@
     │            write  (key of the n tokens before x_t) → x_t, gated by salience: the rarity bits of
     │                   x_(t-n) .. x_(t+w) under the stream's own counts (``rarity``: each token given
     │                   the one before it, "bigram", or alone, "unigram") exceed the stream's
-    │                   average by >= margin_bits. A stored key is rewritten in place; a new key takes
+    │                   average by >= margin_bits; a salient write lends that excess, less a bit per
+    │                   token, to the next ``trail`` writes. A stored key is rewritten in place; a new key takes
     │                   a slot of its bucket only if it outscores one (score = excess bits · horizon
     │                   + position: salient beats plain, recent beats old at horizon tokens per bit)
     │            read   the token that followed the current n-gram when it was last written, or -1
@@ -27,14 +28,17 @@ writes: the lexical lane bit for bit, the semantic lane up to float rounding. A 
 memory at most ``block`` tokens after it was seen, so ``block`` <= the attention window loses nothing.
 
 Capacity arithmetic (why the lexical gate and scores exist): a stream of N tokens written densely
-into S slots overwrites each slot ~N/S times, so a needle would not survive 512k tokens in 16k
+into S slots overwrites each slot ~N/S times, so a needle would not survive 512k tokens in 64k
 slots under plain overwrite or LRU. Only improbable stretches (numbers, identifiers, rare names)
 are written; repeated text rewrites the slots it already owns instead of taking new ones; and a
 bucket keeps its best-scored entries, so a needle is lost only when ``ways`` newer entries at least
-as salient land in its bucket. Measured with 100 needles in 512k tokens (bench/recall.py, medians
-of 3 seeds): every needle in repeated filler; in the repository's Markdown, 100% of UUID values and
-93% of 7-digit ones, which compete with the prose's own numbers. Bigram rarity is what lifts UUIDs
-in prose from about half: under unigram counts a hex id in text full of hashes and figures is not rare.
+as salient land in its bucket. The repository's Markdown, cycled, owns ~29k salient n-grams, and
+each needle ~50 more: 16k slots overflowed and lost the oldest needles once same-format
+distractors came every 2k tokens, and 64k (1.5 MiB of int64) hold prose and 612 needles in 1M
+tokens. Bigram rarity lifts UUIDs in prose from about half (under unigram counts a hex id in text
+full of hashes and figures is not rare); the trail keeps a 7-digit value's last digits, which are
+no rarer than the prose's own numbers once the key has left the n-gram (93% of such values -> 100%
+at 512k). Figures: bench/README.md.
 
 States are plain dicts of tensors (lexical: int64, semantic: fp32) so a backbone can embed them in
 its ``State`` under a prefix; no function here mutates the tensors it is given.
@@ -64,6 +68,10 @@ _PAIR_TABLE = 1 << 17
 RARITY_MODELS = ("bigram", "unigram")
 # Score of an empty slot or of no write: below any real score (which is >= 0).
 _EMPTY = -(1 << 62)
+# Excess of no write (before the stream's start): no fade brings it near a real write's.
+_NO_EXCESS = -(1 << 40)
+# Bits a lent excess loses per token it travels along the trail.
+_TRAIL_FADE_BITS = 1
 # Read score of a slot never written (see SemanticLane._read).
 _UNWRITTEN = -1e9
 # g is clamped below 1 so log(1 - g) (the block update's decay) stays finite.
@@ -83,7 +91,7 @@ def blocks(pos: int, length: int, block: int) -> Iterator[tuple[int, int, int, b
 
 def check_lexical(
     vocab_size: int, slots: int, ways: int, ngram: int, lookahead: int, margin_bits: int, horizon: int, block: int,
-    rarity: str,
+    rarity: str, trail: int,
 ) -> None:
     """Raise ValueError naming the first impossible LexicalLane setting."""
     if rarity not in RARITY_MODELS:
@@ -92,10 +100,11 @@ def check_lexical(
         raise ValueError(f"lexical lane: vocab_size must be in 1..{_MAX_VOCAB}, got {vocab_size}")
     if ways < 1 or slots < ways or slots % ways:
         raise ValueError(f"lexical lane: slots ({slots}) must be a positive multiple of ways ({ways})")
-    if not 1 <= ngram <= 64 or lookahead < 0 or block < 1 or margin_bits < 0 or horizon < 0:
+    if not 1 <= ngram <= 64 or min(lookahead, margin_bits, horizon, trail) < 0 or block < 1:
         raise ValueError(
-            f"lexical lane: need 1 <= ngram <= 64 and lookahead, margin_bits, horizon >= 0, block >= 1 "
-            f"(got ngram={ngram}, lookahead={lookahead}, margin_bits={margin_bits}, horizon={horizon}, block={block})"
+            f"lexical lane: need 1 <= ngram <= 64 and lookahead, margin_bits, horizon, trail >= 0, block >= 1 "
+            f"(got ngram={ngram}, lookahead={lookahead}, margin_bits={margin_bits}, horizon={horizon}, "
+            f"trail={trail}, block={block})"
         )
 
 
@@ -133,20 +142,22 @@ class LexicalLane(nn.Module):
     """Exact n-gram → next-token memory over token ids (see the module docstring). No parameters."""
 
     def __init__(
-        self, vocab_size: int, slots: int = 16384, ways: int = 32, ngram: int = 12, lookahead: int = 4,
-        margin_bits: int = 0, horizon: int = 1 << 18, block: int = 128, rarity: str = "bigram",
+        self, vocab_size: int, slots: int = 65536, ways: int = 32, ngram: int = 12, lookahead: int = 4,
+        margin_bits: int = 0, horizon: int = 1 << 18, block: int = 128, rarity: str = "bigram", trail: int = 12,
     ) -> None:
         super().__init__()
-        check_lexical(vocab_size, slots, ways, ngram, lookahead, margin_bits, horizon, block, rarity)
+        check_lexical(vocab_size, slots, ways, ngram, lookahead, margin_bits, horizon, block, rarity, trail)
         self.vocab_size, self.slots, self.ways, self.n_buckets = vocab_size, slots, ways, slots // ways
         self.ngram, self.lookahead, self.block = ngram, lookahead, block
-        self.margin_bits, self.horizon, self.rarity = margin_bits, horizon, rarity
+        self.margin_bits, self.horizon, self.rarity, self.trail = margin_bits, horizon, rarity, trail
         self.hist = ngram + lookahead  # tokens of history a write at t needs: x_(t-n-w) .. x_(t-1)
         # Powers of the hash multipliers, newest token first; constants, so not in checkpoints.
         a1 = [pow(_A1, j, _P1) for j in range(ngram)][::-1]
         a2 = [pow(_A2, j, _P2) for j in range(ngram)][::-1]
         self.register_buffer("_pow1", torch.tensor(a1, dtype=torch.long), persistent=False)
         self.register_buffer("_pow2", torch.tensor(a2, dtype=torch.long), persistent=False)
+        # What a write `i` tokens back lends the current one: its excess less i bits, oldest first.
+        self.register_buffer("_fade", torch.arange(trail, -1, -1) * _TRAIL_FADE_BITS, persistent=False)
 
     # -- state ----------------------------------------------------------------------------------
     def init_state(self, batch_size: int, device: torch.device | None = None) -> dict[str, Tensor]:
@@ -166,6 +177,7 @@ class LexicalLane(nn.Module):
             "rsum": z(B),  # Σ rarity bits of the whole stream: the baseline a salient stretch must beat
             "hist": z(B, H, fill=-1),  # the last n+w tokens; -1 before the stream's start
             "rar": z(B, H),  # their rarity bits
+            "exc": z(B, self.trail, fill=_NO_EXCESS),  # the excess bits of the last `trail` writes
             "pend": _no_writes(B, U, device),  # the current block's writes: [key, value, score]
         }
 
@@ -271,10 +283,16 @@ class LexicalLane(nn.Module):
             excess = torch.div(
                 ext_r.unfold(1, H + 1, 1).sum(-1) * n_avg - (H + 1) * (rsum + _PRIOR_BITS * _PRIOR_TOKENS), n_avg, rounding_mode="floor"
             )
+            # The trail: a salient write lends its excess, fading, to the writes after it, so a
+            # value's plain tail (the last digits of a number, read after digits) is kept with its
+            # rare head; a chain of reads is only as long as its weakest link.
+            ext_e = torch.cat([state["exc"], torch.where(value >= 0, excess, _NO_EXCESS)], 1)  # (B, trail+L)
+            excess = (ext_e.unfold(1, self.trail + 1, 1) - self._fade).amax(-1)
             gate = (excess >= self.margin_bits) & (value >= 0)
             score = torch.where(gate, excess * self.horizon + (seen - 1 - w), _EMPTY)
             state = {
                 **state,
+                "exc": ext_e[:, ext_e.shape[1] - self.trail :],
                 "counts": counts,
                 "rsum": rsum[:, -1],
                 "hist": ext[:, -H:],

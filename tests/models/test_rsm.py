@@ -154,11 +154,27 @@ def test_bigram_rarity_weighs_a_token_by_the_one_before_it() -> None:
     assert bits["bigram"][2] >= bits["bigram"][1] + 7  # p(b | a) ~ 1, p(b | b) ~ 1/(200 + V)
 
 
+def test_trail_keeps_a_plain_tail_with_its_rare_head() -> None:
+    # In a table of numbers, digits after digits are expected: once the 8-token key has moved past
+    # the rare "ZQ#X", a value's last digits are no rarer than the stream's average. Without the
+    # trail they are not written and recall stops short; with it they inherit the head's salience.
+    rnd = random.Random(3)
+    table = "".join(f"id {i} is {rnd.randrange(10**6, 10**7)}.\n" for i in range(400))
+    tokens = _ids(table + "The code of ZQ#X is 8300011.\n" + table)
+    got = {}
+    for trail in (0, 12):
+        lane = LexicalLane(272, slots=8192, ways=16, ngram=8, block=32, trail=trail)
+        got[trail] = _recall(lane, _stream(lane, tokens), tokens.shape[1], "The code of ZQ#X is ", 7)
+    assert got == {0: "83000∅∅", 12: "8300011"}
+
+
 def test_lexical_config_errors_name_the_problem() -> None:
     with pytest.raises(ValueError, match="multiple of ways"):
         LexicalLane(272, slots=100, ways=8)
     with pytest.raises(ValueError, match="ngram"):
         LexicalLane(272, ngram=0)
+    with pytest.raises(ValueError, match="trail=-1"):
+        LexicalLane(272, trail=-1)
     with pytest.raises(ValueError, match="rarity must be one of bigram, unigram, got 'trigram'"):
         LexicalLane(272, rarity="trigram")
     with pytest.raises(ValueError, match="tokens must be"):
