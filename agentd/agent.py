@@ -112,8 +112,8 @@ class Agent:
         self._snapshot_position = self.state.meta.position
         b = config.backbone
         self.decoder = decoder_for(backbone, SamplingConfig(
-            temperature=b.temperature, top_k=b.top_k, top_p=b.top_p, max_tokens=b.max_tokens,
-            silence_entropy=b.silence_entropy or None, seed=b.seed))
+            temperature=b.temperature, exec_temperature=b.exec_temperature, top_k=b.top_k, top_p=b.top_p,
+            max_tokens=b.max_tokens, silence_entropy=b.silence_entropy or None, seed=b.seed))
 
     def restore(self, state: State, context: list[int], clock: dict[str, Any]) -> None:
         """Resume from a snapshot: the model's state, its recent context and the clock's count."""

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agentd.config import Config
+from agentd.config import Config, ConfigError
 
 # The shipped default checkpoint's recipe (README, "Training"): `agentd train --out DIR` with no
 # other option reproduces it.
@@ -118,6 +118,8 @@ def add_parser(sub: Any) -> None:
     e.add_argument("--skills", default="", help="comma-separated subset of the skills (default: all)")
     e.add_argument("--seed", type=int, default=1, help="held-out episode seed (default: %(default)s)")
     e.add_argument("--temperature", type=float, help="sampling temperature (default: [backbone] temperature)")
+    e.add_argument("--exec-temperature", type=float,
+                   help="sampling temperature inside EXEC code (default: [backbone] exec_temperature)")
     e.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     e.add_argument("--verbose", "-v", action="store_true", help="print every episode's events")
     e.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -238,7 +240,11 @@ def _eval(args: argparse.Namespace, config: Config) -> int:
     _quiet_logs()
     try:
         report = evaluate.run(config, checkpoint=args.checkpoint, skills=skills, episodes=args.episodes, seed=args.seed,
-                              temperature=args.temperature, verbose=args.verbose)
+                              temperature=args.temperature, verbose=args.verbose,
+                              exec_temperature=args.exec_temperature)
+    except ConfigError as exc:  # --temperature / --exec-temperature out of range
+        print(f"agentd eval: {exc}", file=sys.stderr)
+        return 2
     except (ModelError, evaluate.EvalError) as exc:
         print(f"agentd eval: {exc}", file=sys.stderr)
         return 1

@@ -107,6 +107,7 @@ class BackboneSection:
     checkpoint: str = ""  # a checkpoint directory; "" = random weights of `name` (or the bundled default)
     options: dict[str, Any] = field(default_factory=dict)  # overrides of the architecture's Config
     temperature: float = 0.7
+    exec_temperature: float = 0.0  # inside EXEC code: greedy, so copied operands are copied exactly
     top_k: int = 40
     top_p: float = 0.95
     max_tokens: int = 256  # per generation stretch
@@ -116,6 +117,7 @@ class BackboneSection:
     def __post_init__(self) -> None:
         _check(bool(self.name), "backbone.name", "must not be empty")
         _check(self.temperature >= 0, "backbone.temperature", "must be >= 0")
+        _check(self.exec_temperature >= 0, "backbone.exec_temperature", "must be >= 0")
         _check(self.top_k >= 0, "backbone.top_k", "must be >= 0")
         _check(0 < self.top_p <= 1, "backbone.top_p", "must be in (0, 1]")
         _check(1 <= self.max_tokens <= 65536, "backbone.max_tokens", "must be between 1 and 65536")

@@ -166,19 +166,22 @@ def load(config: Config, checkpoint: str | None) -> tuple[Any, str]:
 
 
 def run(config: Config, checkpoint: str | None = None, skills: list[str] | None = None, episodes: int = 20, seed: int = 1,
-        temperature: float | None = None, verbose: bool = False) -> dict[str, Any]:
+        temperature: float | None = None, verbose: bool = False, exec_temperature: float | None = None) -> dict[str, Any]:
     """Evaluate; a report dict (``format_report`` prints it)."""
-    return asyncio.run(arun(config, checkpoint, skills, episodes, seed, temperature, verbose))
+    return asyncio.run(arun(config, checkpoint, skills, episodes, seed, temperature, verbose, exec_temperature))
 
 
 async def arun(config: Config, checkpoint: str | None = None, skills: list[str] | None = None, episodes: int = 20,
-               seed: int = 1, temperature: float | None = None, verbose: bool = False) -> dict[str, Any]:
+               seed: int = 1, temperature: float | None = None, verbose: bool = False,
+               exec_temperature: float | None = None) -> dict[str, Any]:
     from models.data import SKILLS, EpisodeGenerator
 
     backbone, source = await asyncio.to_thread(load, config, checkpoint)
     backbone.eval()
     if temperature is not None:
         config = config_mod.replace(config, "backbone", temperature=temperature)
+    if exec_temperature is not None:
+        config = config_mod.replace(config, "backbone", exec_temperature=exec_temperature)
     # Approval prompts and long rests have no one to answer them here.
     config = config_mod.replace(config, "sandbox", approve="auto", enabled=True)
     gen = EpisodeGenerator(seed, "heldout")
@@ -195,7 +198,8 @@ async def arun(config: Config, checkpoint: str | None = None, skills: list[str] 
                     wf = "" if out.well_formed else " (malformed)"
                     print(f"[{skill} {i}] {mark}{wf} speak={out.speak!r} {out.detail}", flush=True)
     report: dict[str, Any] = {"checkpoint": source, "episodes": len(outcomes), "seed": seed,
-                              "temperature": config.backbone.temperature, "skills": {}}
+                              "temperature": config.backbone.temperature,
+                              "exec_temperature": config.backbone.exec_temperature, "skills": {}}
     report["well_formed"] = _rate([o.well_formed for o in outcomes])
     for skill in skills or SKILLS:
         mine = [o for o in outcomes if o.skill == skill]
@@ -215,7 +219,7 @@ def _rate(flags: list[bool]) -> dict[str, Any]:
 def format_report(report: dict[str, Any]) -> str:
     wf = report["well_formed"]
     lines = [f"checkpoint: {report['checkpoint']}  (held-out episodes, seed {report['seed']}, "
-             f"temperature {report['temperature']})",
+             f"temperature {report['temperature']}, in EXEC code {report['exec_temperature']})",
              f"  {'protocol well-formed':<26} {wf['rate']:>7.1%}  ({wf['ok']}/{wf['n']})"]
     for s in report["skills"].values():
         lines.append(f"  {s['label']:<26} {s['rate']:>7.1%}  ({s['ok']}/{s['n']})")

@@ -174,7 +174,7 @@ class Backbone(nn.Module):
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [B, T], got shape {tuple(tokens.shape)}")
         logits, tensors = self._forward(tokens, dict(state), state.meta.position)
-        return logits, State(tensors, state.meta.advanced(tokens.shape[1]))
+        return logits, State(_compact(tensors), state.meta.advanced(tokens.shape[1]))
 
     def step(self, token: Tensor, state: State) -> tuple[Tensor, State]:
         """token LongTensor [B] -> logits [B, V]; equal to ``forward`` on a length-1 chunk."""
@@ -182,7 +182,7 @@ class Backbone(nn.Module):
         if token.dim() != 1:
             raise ValueError(f"token must be [B], got shape {tuple(token.shape)}")
         logits, tensors = self._step(token, dict(state), state.meta.position)
-        return logits, State(tensors, state.meta.advanced(1))
+        return logits, State(_compact(tensors), state.meta.advanced(1))
 
     def check_state(self, state: Mapping[str, Tensor]) -> None:
         """Raise StateError unless ``state`` was made by this architecture with this config."""
@@ -253,13 +253,27 @@ def _batch_of(state: State) -> int:
     return 1
 
 
+def _compact(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``tensors`` with every view into a buffer over twice its size replaced by a compact copy.
+    A state lives as long as the daemon: a last-position slice of a chunk's temporaries must not
+    keep the whole chunk alive (astarte's 2.5 KiB ``abpe.R`` held a 1.1 MiB buffer). A ring buffer's
+    slice of its own storage stays a view: copying it every step would cost more than it frees."""
+    out = {}
+    for name, t in tensors.items():
+        if t.untyped_storage().nbytes() > 2 * t.numel() * t.element_size():
+            t = t.clone(memory_format=torch.contiguous_format)
+        out[name] = t
+    return out
+
+
 def state_digest(state: State) -> str:
     """sha256 over the metadata and every tensor's name, dtype, shape and bytes, in sorted order:
     equal digests mean bit-identical states. (Not a hash of ``to_bytes``: safetensors writes its
     metadata map in an arbitrary order, so equal states can serialize to different bytes.)"""
     h = hashlib.sha256(json.dumps(_meta_dict(state.meta), sort_keys=True).encode())
     for name in sorted(state):
-        t = state[name].detach().contiguous().cpu()
+        # A fresh dense copy: ``contiguous`` keeps a size-1 view's stride, which ``view`` refuses.
+        t = state[name].detach().cpu().clone(memory_format=torch.contiguous_format)
         h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

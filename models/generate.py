@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Generator, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -31,6 +31,9 @@ _OPENERS: dict[str, SegmentKind] = {"THINK": "think", "SPEAK": "speak", "EXEC": 
 @dataclass(frozen=True)
 class SamplingConfig:
     temperature: float = 0.7  # 0 means greedy
+    # Temperature inside EXEC code; None means ``temperature``. Code is decoded greedily by default
+    # in the daemon: a sampled typo in a copied operand is a wrong RESULT, not a turn of phrase.
+    exec_temperature: float | None = None
     top_k: int = 40  # 0 disables
     top_p: float = 0.95  # 1.0 disables
     max_tokens: int = 512  # per call of Decoder.run
@@ -40,6 +43,8 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.exec_temperature is not None and self.exec_temperature < 0:
+            raise ValueError(f"exec_temperature must be >= 0, got {self.exec_temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
@@ -139,6 +144,7 @@ class Decoder:
     ) -> Generator[Event, None, Stop]:
         """Yield Delta/SegmentEnd events; return Stop. ``logits`` [V] predict the first token."""
         bb, cfg = self.backbone, self.sampling
+        code_cfg = cfg if cfg.exec_temperature is None else replace(cfg, temperature=cfg.exec_temperature)
         tok = bb.tokenizer
         decoder = tok.stream_decoder()
         rng = self._rng(state)
@@ -169,7 +175,7 @@ class Decoder:
                     # The model is unsure what to say: it says nothing (silence is an answer).
                     kind, parts = None, []
                     return Stop("silence", state, logits, ids)
-                token_id = sample(logits, cfg, rng)
+                token_id = sample(logits, code_cfg if kind == "exec" else cfg, rng)
                 step_logits, state = bb.step(torch.tensor([token_id], device=bb.device), state)
                 logits = step_logits[0]
                 ids.append(token_id)

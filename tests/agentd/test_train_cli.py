@@ -62,6 +62,9 @@ def test_train_and_eval_refuse_bad_arguments_clearly(tmp_path: Path) -> None:
     r = subprocess.run([AGENTD, "eval", "--checkpoint", str(tmp_path / "missing")], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 1 and "not a checkpoint directory" in r.stderr
+    r = subprocess.run([AGENTD, "eval", "--exec-temperature", "-1", "--episodes", "1"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "backbone.exec_temperature: must be >= 0" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([AGENTD, "train", "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "--steps" in r.stdout and "resumes" in r.stdout
 
@@ -105,6 +108,7 @@ def test_eval_runs_held_out_episodes_through_the_loop_and_reports_per_skill(tmp_
     assert report["checkpoint"] == str(SHIPPED) and report["episodes"] == 4
     assert set(report["skills"]) == {"arithmetic", "calm"}
     assert report["skills"]["arithmetic"]["n"] == 2 and report["well_formed"]["n"] == 4
+    assert report["temperature"] == 0.7 and report["exec_temperature"] == 0.0  # the shipped sampling
     text = subprocess.run([AGENTD, "--config", str(cfg), "eval", "--episodes", "1", "--skills", "calm"],
                           capture_output=True, text=True, timeout=300)
     assert text.returncode == 0 and "protocol well-formed" in text.stdout and "silence when calm" in text.stdout
