@@ -176,12 +176,11 @@ async def arun(config: Config, checkpoint: str | None = None, skills: list[str] 
                exec_temperature: float | None = None) -> dict[str, Any]:
     from models.data import SKILLS, EpisodeGenerator
 
+    # Before the load: an out-of-range temperature is refused without waiting for the model.
+    sampling = {k: v for k, v in (("temperature", temperature), ("exec_temperature", exec_temperature)) if v is not None}
+    config = config_mod.replace(config, "backbone", **sampling)
     backbone, source = await asyncio.to_thread(load, config, checkpoint)
     backbone.eval()
-    if temperature is not None:
-        config = config_mod.replace(config, "backbone", temperature=temperature)
-    if exec_temperature is not None:
-        config = config_mod.replace(config, "backbone", exec_temperature=exec_temperature)
     # Approval prompts and long rests have no one to answer them here.
     config = config_mod.replace(config, "sandbox", approve="auto", enabled=True)
     gen = EpisodeGenerator(seed, "heldout")
